@@ -1,0 +1,25 @@
+"""The `moco-scale` command: one subcommand per driver."""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "pretrain": ("moco_scale.pretrain", "MoCo v3 pretraining"),
+    "probe": ("moco_scale.probe", "kNN and linear probe of frozen features (pretrained vs random init)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = "\n".join(f"  {name:10s} {doc}" for name, (_, doc) in COMMANDS.items())
+        print(f"usage: moco-scale COMMAND [ARGS]\n\ncommands:\n{lines}", file=sys.stderr if argv else sys.stdout)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    import importlib
+
+    return importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""MoCo v3's two asymmetric views, with randomness keyed to (seed, epoch, sample).
+
+Every random draw of torchvision's transforms comes from torch's CPU generator, so
+seeding that generator per sample makes a crop's pixels a function of its key
+alone: the same global batch whatever the world size, loader workers or resume point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+from torchvision import transforms as T
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@contextlib.contextmanager
+def keyed_rng(*key: int) -> Iterator[None]:
+    """Seed torch's CPU generator from `key` inside the block and restore it after."""
+    seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, dtype=np.uint64)[0])
+    state = torch.get_rng_state()
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
+
+
+class GaussianBlur:
+    """PIL Gaussian blur with radius sigma ~ U[lo, hi] (the reference's blur)."""
+
+    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
+        self.sigma = sigma
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        sigma = torch.empty(1).uniform_(*self.sigma).item()
+        return img.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+    def __repr__(self) -> str:
+        return f"GaussianBlur(sigma={self.sigma})"
+
+
+def view_transform(image_size: int, crop_min: float, blur_p: float, solarize_p: float,
+                   blur_sigma: tuple[float, float] = (0.1, 2.0)) -> T.Compose:
+    return T.Compose([
+        T.RandomResizedCrop(image_size, scale=(crop_min, 1.0)),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([GaussianBlur(blur_sigma)], p=blur_p),
+        T.RandomSolarize(threshold=128, p=solarize_p),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def two_view_transforms(image_size: int, crop_min: float,
+                        blur_sigma: tuple[float, float] = (0.1, 2.0)) -> tuple[T.Compose, T.Compose]:
+    """View 1: blur always, never solarize. View 2: blur p=0.1, solarize p=0.2."""
+    return (view_transform(image_size, crop_min, 1.0, 0.0, blur_sigma),
+            view_transform(image_size, crop_min, 0.1, 0.2, blur_sigma))
+
+
+def eval_transform(image_size: int, resize: int | None = None) -> T.Compose:
+    """Resize + center crop (256/224 at ImageNet scale) for frozen-feature evaluation."""
+    steps: list = []
+    if resize is not None:
+        steps += [T.Resize(resize), T.CenterCrop(image_size)]
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])

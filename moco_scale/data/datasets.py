@@ -1,0 +1,100 @@
+"""Datasets: ImageFolder checked up front, and the built-in handwritten digits."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+BUILTIN_IMAGE_SIZE = 32
+
+
+class DataError(ValueError):
+    """Missing, empty or unreadable data; the message names the path."""
+
+
+def _load_rgb(path: str) -> Image.Image:
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")
+    except Exception as e:  # PIL raises several types for a bad file
+        raise DataError(f"cannot read image {path}: {e}") from e
+
+
+def image_folder(root: str, allow_empty: bool = False) -> ImageFolder:
+    """ImageFolder over `root`, with errors that name the folder at fault."""
+    if not os.path.isdir(root):
+        raise DataError(f"data folder {root} does not exist")
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    if not classes:
+        raise DataError(f"data folder {root} has no class folders (expected {root}/<class>/<image>)")
+    empty = [os.path.join(root, c) for c in classes
+             if not any(f.lower().endswith(IMG_EXTENSIONS) for _, _, fs in os.walk(os.path.join(root, c))
+                        for f in fs)]
+    if empty and not allow_empty:
+        raise DataError(f"class folder {empty[0]} holds no images ({len(empty)} empty class folder(s); "
+                        "--skip-bad-data skips them)")
+    for path in empty:
+        warnings.warn(f"skipping empty class folder {path}", stacklevel=2)
+    return ImageFolder(root, loader=_load_rgb, allow_empty=allow_empty)
+
+
+def load_digits_split(split: str, image_size: int = BUILTIN_IMAGE_SIZE) -> list[tuple[Image.Image, int]]:
+    """scikit-learn's handwritten digits (8x8, 10 classes, shipped with the package), upscaled to
+    RGB `image_size`; a fixed stratified 80/20 split into 'train' and 'val'."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    idx_train, idx_val = train_test_split(np.arange(len(digits.target)), test_size=0.2,
+                                          stratify=digits.target, random_state=0)
+    idx = {"train": idx_train, "val": idx_val}[split]
+    out = []
+    for i in idx:
+        pixels = (digits.images[i] * (255.0 / 16.0)).round().astype(np.uint8)
+        img = Image.fromarray(pixels, mode="L").resize((image_size, image_size), Image.BICUBIC)
+        out.append((img.convert("RGB"), int(digits.target[i])))
+    return out
+
+
+class KeyedTwoViews(Dataset):
+    """Two augmented views of sample `index`, drawn from a generator keyed to (seed, epoch, index).
+
+    `__getitem__` takes (epoch, index) keys from GlobalBatchSampler. With skip_bad, an unreadable
+    image is replaced by the next readable one and counted in `skipped` (shared with workers).
+    """
+
+    def __init__(self, base: Sequence | Dataset, views: tuple[Callable, Callable], seed: int,
+                 skip_bad: bool = False) -> None:
+        self.base, self.views, self.seed, self.skip_bad = base, views, seed, skip_bad
+        self.skipped = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        from moco_scale.data.augment import keyed_rng
+
+        epoch, index = key
+        img = self._image(index)
+        with keyed_rng(self.seed, epoch, index):
+            return self.views[0](img), self.views[1](img)
+
+    def _image(self, index: int) -> Image.Image:
+        for offset in range(len(self.base)):
+            try:
+                return self.base[(index + offset) % len(self.base)][0]
+            except DataError as e:
+                if not self.skip_bad:
+                    raise
+                self.skipped += 1
+                warnings.warn(f"{e}; skipped (--skip-bad-data)", stacklevel=2)
+        raise DataError("no readable image in the dataset")

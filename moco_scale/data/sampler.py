@@ -1,0 +1,46 @@
+"""Per-rank slices of global batches, identical across world sizes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+
+class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Shuffle per epoch (seed + epoch, like DistributedSampler.set_epoch), cut the permutation
+    into global batches (drop_last) and give rank r the r-th contiguous slice of each.
+
+    Concatenating the ranks' batches in rank order gives exactly the single-process batch,
+    so a run's global batches do not depend on the number of ranks. Items are (epoch, index)
+    keys: the dataset derives each sample's augmentation randomness from them.
+    """
+
+    def __init__(self, num_samples: int, global_batch: int, world_size: int = 1, rank: int = 0,
+                 seed: int = 0, shuffle: bool = True) -> None:
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} does not divide by world size {world_size}")
+        if num_samples < global_batch:
+            raise ValueError(f"the dataset has {num_samples} samples, fewer than one global batch "
+                             f"of {global_batch}")
+        self.num_samples, self.global_batch = num_samples, global_batch
+        self.local_batch = global_batch // world_size
+        self.rank, self.seed, self.shuffle = rank, seed, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples // self.global_batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_samples, generator=g)
+        else:
+            order = torch.arange(self.num_samples)
+        for i in range(len(self)):
+            start = i * self.global_batch + self.rank * self.local_batch
+            yield [(self.epoch, int(j)) for j in order[start:start + self.local_batch]]

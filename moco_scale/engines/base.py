@@ -1,0 +1,74 @@
+"""The engine contract: everything the driver may ask of a training backend.
+
+An engine owns the wrapped model, the optimizer, mixed precision, the momentum update
+and the parameter layout (replicated or sharded). The driver holds no engine-specific
+code: it calls `train_step` and asks for state through the methods below.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+from moco_scale.models import MoCo
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' is the reference's fp16 on CUDA and fp32 elsewhere; fp16 needs CUDA."""
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 (with loss scaling) needs a CUDA device; use bf16 or fp32 on "
+                         f"{device.type}")
+    return precision
+
+
+class Engine(ABC):
+    """One training backend. Subclasses declare their JSON keys in DEFAULTS (and CHOICES)."""
+
+    name: ClassVar[str]
+    DEFAULTS: ClassVar[dict[str, Any]]
+    CHOICES: ClassVar[dict[str, tuple]] = {}
+
+    model: MoCo
+    optimizer: torch.optim.Optimizer
+    precision: str
+
+    @abstractmethod
+    def update_momentum(self, m: float) -> None:
+        """theta_m = m theta_m + (1 - m) theta_b on the parameters this rank holds, in fp32."""
+
+    @abstractmethod
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """This rank's loss for its share of the global batch (keys gathered from all ranks)."""
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Gradients of the global-batch loss (averaged over ranks)."""
+
+    @abstractmethod
+    def step(self, lr: float) -> None:
+        """One optimizer step at learning rate `lr`, then clear the gradients."""
+
+    def train_step(self, x1: torch.Tensor, x2: torch.Tensor, lr: float, m: float) -> torch.Tensor:
+        """One MoCo v3 iteration in the reference's order: momentum update, loss, backward, step."""
+        self.update_momentum(m)
+        loss = self.forward(x1, x2)
+        self.backward(loss)
+        self.step(lr)
+        return loss.detach()
+
+    @abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model in the reference layout (base_encoder.*, momentum_encoder.*, predictor.*)."""
+
+    @abstractmethod
+    def optimizer_state_dict(self) -> dict[str, Any]:
+        """Optimizer and loss-scaler state, for checkpoints."""
+
+    def close(self) -> None:
+        """Release what the engine holds before the process group goes away."""

@@ -1,0 +1,71 @@
+"""The MoCo v3 module: base encoder (+ projector), momentum encoder, predictor."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from moco_scale.loss import symmetric_loss
+from moco_scale.models.batchnorm import has_batchnorm
+from moco_scale.models.resnet import resnet_features
+
+
+def backbone_features(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The feature the projector consumes: ViT cls token after the final LayerNorm, ResNet pool."""
+    if isinstance(encoder, VisionTransformer):
+        return encoder.forward_head(encoder.forward_features(x), pre_logits=True)
+    return resnet_features(encoder, x)
+
+
+def projector(encoder: nn.Module) -> nn.Module:
+    return encoder.head if isinstance(encoder, VisionTransformer) else encoder.fc
+
+
+class MoCo(nn.Module):
+    """Holds the three parts under the reference's names; `forward` returns the MoCo v3 loss.
+
+    Each head runs per view, so BN statistics are per view as in the reference. A backbone
+    without BN (a plain ViT) takes both views as one batch, which gives the same result and
+    halves the parameter gathers of a sharded engine.
+    """
+
+    def __init__(self, base_encoder: nn.Module, predictor: nn.Module, temperature: float) -> None:
+        super().__init__()
+        self.base_encoder = base_encoder
+        self.momentum_encoder = copy.deepcopy(base_encoder)
+        self.momentum_encoder.requires_grad_(False)
+        self.predictor = predictor
+        self.temperature = temperature
+        self.batch_views = not has_batchnorm(_without_head(base_encoder))
+
+    @torch.no_grad()
+    def update_momentum(self, m: float) -> None:
+        """theta_m <- m theta_m + (1 - m) theta_b over parameters (not BN buffers), no predictor."""
+        torch._foreach_lerp_(list(self.momentum_encoder.parameters()), list(self.base_encoder.parameters()),
+                             1.0 - m)
+
+    def encode(self, encoder: nn.Module, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.batch_views:
+            f1, f2 = backbone_features(encoder, torch.cat([x1, x2])).chunk(2)
+        else:
+            f1, f2 = backbone_features(encoder, x1), backbone_features(encoder, x2)
+        head = projector(encoder)
+        return head(f1), head(f2)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, m: float | None = None) -> torch.Tensor:
+        """Momentum update with m (skipped when None: an engine did it), then the symmetric loss."""
+        if m is not None:
+            self.update_momentum(m)
+        z1, z2 = self.encode(self.base_encoder, x1, x2)
+        q1, q2 = self.predictor(z1), self.predictor(z2)
+        with torch.no_grad():
+            k1, k2 = self.encode(self.momentum_encoder, x1, x2)
+        return symmetric_loss(q1, q2, k1, k2, self.temperature)
+
+
+def _without_head(encoder: nn.Module) -> list[nn.Module]:
+    head = projector(encoder)
+    return nn.ModuleList([m for name, m in encoder.named_children() if m is not head])

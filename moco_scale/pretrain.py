@@ -1,0 +1,227 @@
+"""MoCo v3 pretraining driver; accepts the reference trainer's flags.
+
+One process:  moco-scale pretrain [DATA] -a vit_small ...
+torchrun:     torchrun --nproc_per_node N -m moco_scale.pretrain [DATA] ...
+DeepSpeed:    deepspeed --num_gpus N --module moco_scale.pretrain [DATA] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from typing import Any
+
+import torch
+
+from moco_scale import schedules
+from moco_scale.checkpoint import atomic_save, reference_checkpoint
+from moco_scale.config import ConfigError
+from moco_scale.data import BUILTIN_IMAGE_SIZE, DataError, pretrain_dataset, pretrain_loader
+from moco_scale.dist import DistContext, init_distributed, mean_across_ranks, shutdown, world_size_from_env
+from moco_scale.engines import build_engine, load_engine_config
+from moco_scale.models import ARCHS, UnknownArchError, build_moco
+from moco_scale.optim import OPTIMIZERS
+from moco_scale.telemetry import RunLogger, Throughput
+
+_IGNORED_REFERENCE_FLAGS = ("--world-size", "--rank", "--dist-url", "--dist-backend", "--gpu")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moco-scale pretrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", nargs="?", default=None,
+                   help="ImageFolder root holding train/ (default: the built-in digits dataset)")
+    ref = p.add_argument_group("reference trainer flags (same meaning as MoCo v3's main_moco.py)")
+    ref.add_argument("-a", "--arch", default="resnet50", help=f"one of: {', '.join(ARCHS)}")
+    ref.add_argument("-j", "--workers", type=int, default=32, help="data loading workers in total, split over ranks")
+    ref.add_argument("--epochs", type=int, default=100)
+    ref.add_argument("-b", "--batch-size", type=int, default=4096, help="global batch over all ranks")
+    ref.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=0.6,
+                     help="base lr; the lr used is lr * batch / 256")
+    ref.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=1e-6)
+    ref.add_argument("-p", "--print-freq", type=int, default=10, help="log every N steps")
+    ref.add_argument("--seed", type=int, default=0)
+    ref.add_argument("--moco-dim", type=int, default=256)
+    ref.add_argument("--moco-mlp-dim", type=int, default=4096)
+    ref.add_argument("--moco-m", type=float, default=0.99)
+    ref.add_argument("--moco-m-cos", action="store_true", help="cosine momentum schedule from --moco-m to 1")
+    ref.add_argument("--moco-t", type=float, default=1.0)
+    ref.add_argument("--stop-grad-conv1", action="store_true")
+    ref.add_argument("--optimizer", default="lars", choices=OPTIMIZERS)
+    ref.add_argument("--warmup-epochs", type=int, default=10)
+    ref.add_argument("--crop-min", type=float, default=0.08)
+    ref.add_argument("--multiprocessing-distributed", action="store_true",
+                     help="accepted for compatibility; the launcher decides the processes")
+    for flag in _IGNORED_REFERENCE_FLAGS:
+        ref.add_argument(flag, default=None, help=argparse.SUPPRESS)
+    own = p.add_argument_group("moco-scale")
+    own.add_argument("--engine-config", default=None, help="engine JSON in ds_configs/ (default: DDP defaults)")
+    own.add_argument("--output-dir", default="runs/pretrain")
+    own.add_argument("--overwrite", action="store_true", help="replace a finished run in --output-dir")
+    own.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (schedules "
+                     "still span --epochs)")
+    own.add_argument("--image-size", type=int, default=None,
+                     help=f"crop size (default 224; {BUILTIN_IMAGE_SIZE} for the built-in dataset)")
+    own.add_argument("--patch-size", type=int, default=None, help="ViT size override")
+    own.add_argument("--embed-dim", type=int, default=None, help="ViT size override")
+    own.add_argument("--depth", type=int, default=None, help="ViT size override")
+    own.add_argument("--num-heads", type=int, default=None, help="ViT size override")
+    own.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    own.add_argument("--dist-timeout", type=float, default=1800.0,
+                     help="seconds a collective may wait before the job fails (a dead rank)")
+    own.add_argument("--skip-bad-data", action="store_true",
+                     help="skip and count unreadable images and empty class folders instead of failing")
+    own.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"arch": args.arch, "img_size": args.image_size, "patch_size": args.patch_size,
+            "embed_dim": args.embed_dim, "depth": args.depth, "num_heads": args.num_heads,
+            "stop_grad_conv1": args.stop_grad_conv1, "moco_dim": args.moco_dim,
+            "moco_mlp_dim": args.moco_mlp_dim, "moco_t": args.moco_t}
+
+
+def check_args(args: argparse.Namespace, world: int) -> None:
+    """Everything that can be wrong with the launch line, found before any rank talks to another."""
+    if args.arch not in ARCHS:
+        raise UnknownArchError(f"unknown architecture -a {args.arch}; known: {', '.join(ARCHS)}")
+    if args.batch_size <= 0 or args.batch_size % world:
+        raise ConfigError(f"global batch -b {args.batch_size} must be a positive multiple of the world size "
+                          f"{world} (each rank takes an equal share, as the reference requires)")
+    if args.epochs <= args.warmup_epochs and args.epochs > 0:
+        raise ConfigError(f"--warmup-epochs {args.warmup_epochs} must be below --epochs {args.epochs}")
+    if args.max_steps is not None and args.max_steps <= 0:
+        raise ConfigError(f"--max-steps must be positive, got {args.max_steps}")
+    if args.print_freq <= 0:
+        raise ConfigError(f"--print-freq must be positive, got {args.print_freq}")
+    if args.data is not None and not os.path.isdir(args.data):
+        raise DataError(f"data folder {args.data} does not exist")
+
+
+def prepare_output_dir(path: str, overwrite: bool) -> None:
+    if os.path.exists(os.path.join(path, "config.json")):
+        if not overwrite:
+            raise ConfigError(f"--output-dir {path} already holds a run (config.json); choose another "
+                              "folder or pass --overwrite")
+        shutil.rmtree(path)
+    os.makedirs(path, exist_ok=True)
+
+
+def resolved_config(args: argparse.Namespace, engine_cfg: dict, ctx: DistContext, precision: str,
+                    iters_per_epoch: int, total_steps: int, workers: int) -> dict[str, Any]:
+    return {
+        "args": {k: v for k, v in vars(args).items() if k != "local_rank"},
+        "engine": engine_cfg,
+        "resolved": {
+            "world_size": ctx.world_size, "per_rank_batch": args.batch_size // ctx.world_size,
+            "lr": schedules.scaled_lr(args.lr, args.batch_size), "iters_per_epoch": iters_per_epoch,
+            "total_steps": total_steps, "workers_per_rank": workers, "device": str(ctx.device),
+            "precision": precision, "dataset": args.data or "builtin:digits",
+        },
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "command": sys.argv,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train; returns the summary (also written to DIR/summary.json)."""
+    world = world_size_from_env()
+    check_args(args, world)
+    engine_cfg = load_engine_config(args.engine_config)
+    if args.image_size is None:
+        args.image_size = BUILTIN_IMAGE_SIZE if args.data is None else 224
+    dataset = pretrain_dataset(args.data, args.image_size, args.crop_min, args.seed, args.skip_bad_data)
+    if len(dataset) < args.batch_size:
+        raise ConfigError(f"global batch -b {args.batch_size} is larger than the dataset "
+                          f"({len(dataset)} images in {args.data or 'the built-in dataset'})")
+
+    ctx = init_distributed(args.device, args.dist_timeout)
+    torch.manual_seed(args.seed)
+    model = build_moco(**model_kwargs(args))
+    engine = build_engine(model, args.optimizer, args.weight_decay, engine_cfg, ctx)
+    workers = max(0, math.ceil(args.workers / ctx.world_size))
+    loader = pretrain_loader(dataset, args.batch_size, ctx.world_size, ctx.rank, args.seed, workers,
+                             pin_memory=ctx.device.type == "cuda")
+    iters = len(loader)
+    total_steps = iters * args.epochs if args.max_steps is None else min(args.max_steps, iters * args.epochs)
+    if ctx.is_main:
+        prepare_output_dir(args.output_dir, args.overwrite)
+        config = resolved_config(args, engine_cfg, ctx, engine.precision, iters, total_steps, workers)
+        with open(os.path.join(args.output_dir, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+    if ctx.is_distributed:
+        torch.distributed.barrier()  # the folder exists before any rank writes into it
+
+    base_lr = schedules.scaled_lr(args.lr, args.batch_size)
+    logger = RunLogger(args.output_dir, ctx.is_main, total_steps)
+    logger.message(f"moco-scale: {args.arch}, world {ctx.world_size} on {ctx.device}, global batch "
+                   f"{args.batch_size}, {iters} steps/epoch, {total_steps} steps, engine {engine_cfg['engine']} "
+                   f"({engine.precision}), output {args.output_dir}")
+    meter, step, last_loss, started = Throughput(), 0, float("nan"), time.time()
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth.tar")
+    for epoch in range(args.epochs):
+        loader.batch_sampler.set_epoch(epoch)
+        fetch_start = time.perf_counter()
+        for i, (x1, x2) in enumerate(loader):
+            data_wait = time.perf_counter() - fetch_start
+            ep = epoch + i / iters
+            lr = schedules.learning_rate(ep, base_lr, args.epochs, args.warmup_epochs)
+            m = schedules.momentum(ep, args.moco_m, args.epochs, args.moco_m_cos)
+            loss = engine.train_step(x1, x2, lr, m)
+            step += 1
+            meter.add(args.batch_size, data_wait)
+            logger.advance()
+            if step % args.print_freq == 0 or step == total_steps:
+                last_loss = mean_across_ranks(loss).item()
+                if not math.isfinite(last_loss):
+                    raise FloatingPointError(f"loss is {last_loss} at step {step} (epoch {ep:.3f})")
+                logger.log({"step": step, "epoch": ep, "loss": last_loss, "lr": lr, "moco_m": m, **meter.read()})
+            if step == total_steps:
+                break
+            fetch_start = time.perf_counter()
+        state = reference_checkpoint(engine, epoch + 1, args.arch, model_kwargs(args), step)
+        if ctx.is_main:
+            atomic_save(state, ckpt_path)
+        if step == total_steps:
+            break
+
+    summary = {"steps": step, "epochs": step / iters, "final_loss": last_loss,
+               "seconds": time.time() - started, "checkpoint": ckpt_path,
+               "skipped_images": int(dataset.skipped.item())}
+    if ctx.is_main:
+        with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        if summary["skipped_images"]:
+            logger.message(f"skipped {summary['skipped_images']} unreadable image(s) (--skip-bad-data)")
+    logger.close()
+    engine.close()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    given = [f for f in _IGNORED_REFERENCE_FLAGS if getattr(args, f[2:].replace("-", "_")) is not None]
+    if given:
+        print(f"moco-scale: ignoring {', '.join(given)}: the launcher (torchrun, deepspeed) sets the "
+              "process group", file=sys.stderr)
+    try:
+        run(args)
+    except (ConfigError, DataError, UnknownArchError, ValueError) as e:
+        rank = os.environ.get("RANK")
+        where = f" (rank {rank})" if rank is not None and world_size_from_env() > 1 else ""
+        print(f"moco-scale pretrain: error{where}: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import TINY_VIT
 from reference import lr_at, m_at
 
 from moco_scale import build_moco, schedules
-from moco_scale.engines import build_engine, load_engine_config
 from moco_scale.dist import DistContext
+from moco_scale.engines import build_engine, load_engine_config
 from moco_scale.optim import LARS
-from helpers import TINY_VIT
 
 
 def test_lr_schedule_points():

@@ -70,5 +70,5 @@ class Engine(ABC):
     def optimizer_state_dict(self) -> dict[str, Any]:
         """Optimizer and loss-scaler state, for checkpoints."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: only engines holding resources override it
         """Release what the engine holds before the process group goes away."""

@@ -1,0 +1,145 @@
+"""End to end through `moco-scale pretrain`: one plain process, torchrun and the deepspeed launcher
+(real processes, gloo), compared with each other and with the oracle; run output; bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import (
+    TINY_VIT,
+    TINY_VIT_FLAGS,
+    assert_losses_close,
+    assert_states_close,
+    deepspeed_launcher,
+    run_cli,
+    torchrun,
+)
+from PIL import Image
+from reference import Oracle
+
+from moco_scale import build_moco
+from moco_scale.data import GlobalBatchSampler, pretrain_dataset
+
+B, STEPS, EPOCHS, WARMUP, LR = 16, 3, 2, 1, 6.0
+COMMON = ["-b", str(B), "--epochs", str(EPOCHS), "--warmup-epochs", str(WARMUP), "--lr", str(LR),
+          "--optimizer", "lars", "--moco-m-cos", "--crop-min", "0.2", "-j", "0", "-p", "1",
+          "--max-steps", str(STEPS), "--device", "cpu"]
+ARCH_FLAGS = {"vit": TINY_VIT_FLAGS, "resnet": ["-a", "resnet_tiny", "--moco-dim", "32", "--moco-mlp-dim", "64"]}
+ARCH_KWARGS = {"vit": TINY_VIT, "resnet": dict(arch="resnet_tiny", img_size=32, moco_dim=32, moco_mlp_dim=64)}
+LAUNCHES = {"plain-1": None, "torchrun-2": lambda: torchrun(2), "torchrun-4": lambda: torchrun(4),
+            "deepspeed-2": lambda: deepspeed_launcher(2)}
+
+
+def read_run(path):
+    losses = [json.loads(line)["loss"] for line in open(path / "metrics.jsonl")]
+    ckpt = torch.load(path / "checkpoint.pth.tar", weights_only=True)
+    return losses, {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}, ckpt
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = {}
+    for arch in ("vit", "resnet"):
+        for name, launcher in LAUNCHES.items():
+            if arch == "resnet" and name == "deepspeed-2":
+                continue
+            d = tmp_path_factory.mktemp(f"{arch}-{name}")
+            args = [*ARCH_FLAGS[arch], *COMMON, "--output-dir", str(d)]
+            res = run_cli(args, launcher=launcher()) if launcher else run_cli(["pretrain", *args])
+            assert res.returncode == 0, res.stderr[-3000:]
+            out[arch, name] = d
+    return out
+
+
+def oracle(arch: str):
+    ds = pretrain_dataset(None, 32, 0.2, seed=0)
+    sampler = GlobalBatchSampler(len(ds), B, 1, 0, seed=0)
+    batches = []
+    for keys in sampler:
+        views = [ds[k] for k in keys]
+        batches.append((torch.stack([v[0] for v in views]), torch.stack([v[1] for v in views])))
+        if len(batches) == STEPS:
+            break
+    torch.manual_seed(0)
+    model = build_moco(**ARCH_KWARGS[arch])
+    o = Oracle(model.base_encoder, model.momentum_encoder, model.predictor, T=model.temperature, optimizer="lars",
+               base_lr=LR, wd=1e-6, batch=B, epochs=EPOCHS, warmup=WARMUP, m0=0.99, m_cos=True,
+               iters_per_epoch=len(sampler))
+    return o.train(batches), o.state_dict()
+
+
+@pytest.mark.parametrize("arch", ["vit", "resnet"])
+def test_every_launch_matches_the_oracle(runs, arch):
+    want_losses, want_state = oracle(arch)
+    for (a, _), d in runs.items():
+        if a != arch:
+            continue
+        losses, state, _ = read_run(d)
+        assert_losses_close(losses, want_losses)
+        assert_states_close(state, want_state, atol=1e-6)  # zero-mean BN statistics are fp32 noise
+
+
+def test_run_output(runs):
+    d = runs["vit", "torchrun-2"]
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["args"]["moco_m"] == 0.99 and cfg["args"]["weight_decay"] == 1e-6 and cfg["args"]["image_size"] == 32
+    assert cfg["resolved"]["world_size"] == 2 and cfg["resolved"]["per_rank_batch"] == 8
+    assert cfg["resolved"]["lr"] == pytest.approx(LR * B / 256) and cfg["engine"]["engine"] == "ddp"
+    rows = [json.loads(line) for line in open(d / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert {"step", "epoch", "loss", "lr", "moco_m", "img_per_s"} <= set(rows[0])
+    assert rows[0]["lr"] == 0.0 and rows[1]["lr"] > 0 and rows[1]["epoch"] == pytest.approx(1 / 89)
+    assert any((d / "tensorboard").iterdir())
+    _, _, ckpt = read_run(d)
+    assert ckpt["epoch"] == 1 and ckpt["arch"] == "vit_tiny" and {"optimizer", "scaler"} <= set(ckpt)
+    prefixes = {k.split(".")[1] for k in ckpt["state_dict"]}
+    assert prefixes == {"base_encoder", "momentum_encoder", "predictor"}
+    assert json.loads((d / "summary.json").read_text())["steps"] == STEPS
+
+
+def test_batch_not_divisible_by_world_size(tmp_path):
+    res = run_cli([*TINY_VIT_FLAGS, *COMMON, "-b", "15", "--output-dir", str(tmp_path)], launcher=torchrun(2))
+    assert res.returncode != 0
+    assert "global batch -b 15 must be a positive multiple of the world size 2" in res.stderr
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["-a", "vit_gigantic"], "unknown architecture -a vit_gigantic; known: resnet18"),
+    (["/no/such/dataset"], "data folder /no/such/dataset does not exist"),
+    (["--engine-config", "ds_configs/missing.json"], "engine config ds_configs/missing.json does not exist"),
+])
+def test_bad_input_errors(tmp_path, flags, message):
+    res = run_cli(["pretrain", *COMMON, "--output-dir", str(tmp_path), *flags])
+    assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
+
+
+def test_bad_engine_config_names_file_and_key(tmp_path):
+    cfg = tmp_path / "typo.json"
+    cfg.write_text('{"engine": "ddp", "precison": "bf16"}')
+    res = run_cli(["pretrain", *TINY_VIT_FLAGS, *COMMON, "--engine-config", str(cfg), "--output-dir",
+                   str(tmp_path / "o")])
+    assert res.returncode == 2 and f"engine config {cfg}: unknown key(s) precison" in res.stderr
+
+
+def test_corrupt_image_is_named(tmp_path):
+    for c in ("a", "b"):
+        (tmp_path / "data" / "train" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (36, 36), (60 * i, 20, 90)).save(tmp_path / "data" / "train" / c / f"{i}.png")
+    (tmp_path / "data" / "train" / "b" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    args = ["pretrain", str(tmp_path / "data"), *TINY_VIT_FLAGS, *COMMON, "-b", "9", "--image-size", "32",
+            "--output-dir", str(tmp_path / "o")]
+    res = run_cli(args)
+    assert res.returncode == 2 and "cannot read image" in res.stderr and "broken.jpg" in res.stderr
+    res = run_cli([*args, "--skip-bad-data", "--overwrite"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["skipped_images"] >= 1
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    args = ["pretrain", *TINY_VIT_FLAGS, *COMMON, "--max-steps", "1", "--output-dir", str(tmp_path)]
+    assert run_cli(args).returncode == 0
+    res = run_cli(args)
+    assert res.returncode == 2 and "already holds a run" in res.stderr

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TINY_RESNET, TINY_VIT, assert_losses_close, assert_states_close, rel_err, spawn
+from helpers import REPO, TINY_RESNET, TINY_VIT, assert_losses_close, assert_states_close, rel_err, spawn
 from reference import Oracle
 
 from moco_scale import build_moco, schedules
@@ -114,3 +114,19 @@ def test_engine_matches_oracle(oracle, world, tmp_path):
     for k in params:
         if rel_err(state[k], init[k]) > 1e-4:
             assert rel_err(mask(k, got["state"][k] - init[k]), mask(k, state[k] - init[k])) < 1e-3, k
+
+
+def test_bf16_autocast_on_cpu_tracks_the_fp32_oracle():
+    """bf16 autocast (ds_configs/ddp_bf16.json) keeps fp32 parameters; losses within 2% of fp32."""
+    batches = make_batches()
+    want, _, _ = oracle_run("vit", batches)
+    _, opt, base_lr, wd = SETUPS["vit"]
+    cfg = load_engine_config(str(REPO / "ds_configs" / "ddp_bf16.json"))
+    engine = build_engine(build("vit"), opt, wd, cfg, DistContext(0, 1, 0, 1, torch.device("cpu")))
+    assert engine.precision == "bf16"
+    got = []
+    for t, (x1, x2) in enumerate(batches):
+        lr = schedules.learning_rate(t / ITERS, schedules.scaled_lr(base_lr, B), EPOCHS, WARMUP)
+        got.append(engine.train_step(x1, x2, lr, schedules.momentum(t / ITERS, 0.99, EPOCHS, True)).item())
+    assert_losses_close(got, want, rtol=2e-2)
+    assert all(p.dtype == torch.float32 for p in engine.model.parameters())

@@ -217,9 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         rank = os.environ.get("RANK")
         where = f" (rank {rank})" if rank is not None and world_size_from_env() > 1 else ""
         print(f"moco-scale pretrain: error{where}: {e}", file=sys.stderr)
+        # No barrier here: the other ranks may be blocked in a collective. Exiting lets the
+        # launcher (torchrun, deepspeed) stop them at once instead of after --dist-timeout.
         return 2
-    finally:
-        shutdown()
+    shutdown()
     return 0
 
 

@@ -138,6 +138,20 @@ def test_corrupt_image_is_named(tmp_path):
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["skipped_images"] >= 1
 
 
+def test_corrupt_image_on_one_rank_ends_the_job_without_hanging(tmp_path):
+    """Every image is in the first global batch, so one rank meets a broken file while the other
+    waits in a collective: the launcher must end the job promptly, not after --dist-timeout."""
+    (tmp_path / "data" / "train" / "a").mkdir(parents=True)
+    for i in range(8):
+        Image.new("RGB", (36, 36), (30 * i, 20, 90)).save(tmp_path / "data" / "train" / "a" / f"{i}.png")
+    for i in range(2):
+        (tmp_path / "data" / "train" / "a" / f"broken{i}.png").write_bytes(b"not a png")
+    args = [str(tmp_path / "data"), *TINY_VIT_FLAGS, *COMMON, "-b", "10", "--image-size", "32",
+            "--dist-timeout", "600", "--output-dir", str(tmp_path / "o")]
+    res = run_cli(args, launcher=torchrun(2), timeout=120)
+    assert res.returncode != 0 and "cannot read image" in res.stderr and "broken" in res.stderr
+
+
 def test_existing_run_is_not_overwritten(tmp_path):
     args = ["pretrain", *TINY_VIT_FLAGS, *COMMON, "--max-steps", "1", "--output-dir", str(tmp_path)]
     assert run_cli(args).returncode == 0

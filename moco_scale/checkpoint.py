@@ -38,7 +38,7 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     """Load a checkpoint file safely (weights_only), with an error that names the file."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"checkpoint {path} does not exist") from e
     except Exception as e:
         raise ValueError(f"cannot read checkpoint {path}: {e}") from e

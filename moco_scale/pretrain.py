@@ -101,8 +101,6 @@ def check_args(args: argparse.Namespace, world: int) -> None:
         raise ConfigError(f"--max-steps must be positive, got {args.max_steps}")
     if args.print_freq <= 0:
         raise ConfigError(f"--print-freq must be positive, got {args.print_freq}")
-    if args.data is not None and not os.path.isdir(args.data):
-        raise DataError(f"data folder {args.data} does not exist")
 
 
 def prepare_output_dir(path: str, overwrite: bool) -> None:

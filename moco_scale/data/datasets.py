@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -11,7 +12,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from moco_scale.data.augment import keyed_rng
 
 BUILTIN_IMAGE_SIZE = 32
 
@@ -30,21 +32,21 @@ def _load_rgb(path: str) -> Image.Image:
 
 
 def image_folder(root: str, allow_empty: bool = False) -> ImageFolder:
-    """ImageFolder over `root`, with errors that name the folder at fault."""
+    """ImageFolder over `root`, with errors that name the folder at fault (one scan of the tree)."""
     if not os.path.isdir(root):
         raise DataError(f"data folder {root} does not exist")
-    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-    if not classes:
-        raise DataError(f"data folder {root} has no class folders (expected {root}/<class>/<image>)")
-    empty = [os.path.join(root, c) for c in classes
-             if not any(f.lower().endswith(IMG_EXTENSIONS) for _, _, fs in os.walk(os.path.join(root, c))
-                        for f in fs)]
+    try:
+        ds = ImageFolder(root, loader=_load_rgb, allow_empty=True)
+    except FileNotFoundError as e:  # no class folders at all
+        raise DataError(f"data folder {root} has no class folders (expected {root}/<class>/<image>)") from e
+    counts = Counter(ds.targets)
+    empty = [os.path.join(root, c) for i, c in enumerate(ds.classes) if counts[i] == 0]
     if empty and not allow_empty:
         raise DataError(f"class folder {empty[0]} holds no images ({len(empty)} empty class folder(s); "
                         "--skip-bad-data skips them)")
     for path in empty:
         warnings.warn(f"skipping empty class folder {path}", stacklevel=2)
-    return ImageFolder(root, loader=_load_rgb, allow_empty=allow_empty)
+    return ds
 
 
 def load_digits_split(split: str, image_size: int = BUILTIN_IMAGE_SIZE) -> list[tuple[Image.Image, int]]:
@@ -81,8 +83,6 @@ class KeyedTwoViews(Dataset):
         return len(self.base)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        from moco_scale.data.augment import keyed_rng
-
         epoch, index = key
         img = self._image(index)
         with keyed_rng(self.seed, epoch, index):

@@ -7,6 +7,7 @@ with no process group at all (the reference crashes there).
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -50,8 +51,9 @@ def _choose_device(device: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistContext:
-    """Join the launcher's process group (NCCL on GPU, gloo on CPU), or run alone."""
+def init_distributed(device: str = "auto", timeout_s: float = 1800.0, require_group: bool = False) -> DistContext:
+    """Join the launcher's process group (NCCL on GPU, gloo on CPU), or run alone: without a
+    group, or (`require_group`, for the sharding engines) in a group of one."""
     rank = int(os.environ.get("RANK", "0"))
     world = world_size_from_env()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -69,11 +71,15 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
             backend="nccl" if dev.type == "cuda" else "gloo",
             rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
         )
+    elif require_group and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1, timeout=timedelta(seconds=timeout_s))
     return DistContext(rank, world, local_rank, local_world, dev)
 
 
 def shutdown() -> None:
     """Tear the group down after a barrier, so no rank leaves while another still talks to it."""
+    gc.collect()  # free engine-held tensors while gloo can still release them (DeepSpeed exit abort)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

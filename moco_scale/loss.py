@@ -16,14 +16,16 @@ def gather_keys(k: torch.Tensor) -> torch.Tensor:
     if world == 1:
         return k
     out = torch.empty((world * k.shape[0], *k.shape[1:]), dtype=k.dtype, device=k.device)
-    dist.all_gather_into_tensor(out, k.contiguous())
+    dist.all_gather_single(out, k.contiguous())
     return out
 
 
 def contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
-    """CE of local queries against the global keys, positives at arange(N) + N * rank, times 2T."""
-    q = F.normalize(q, dim=1)
-    k = gather_keys(F.normalize(k, dim=1))
+    """CE of local queries against the global keys, positives at arange(N) + N * rank, times 2T.
+    Computed in fp32 at least, whatever precision the encoders ran in."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    q = F.normalize(q.to(dtype), dim=1)
+    k = gather_keys(F.normalize(k.to(dtype), dim=1))
     logits = q @ k.t() / temperature
     labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * get_rank()
     return F.cross_entropy(logits, labels) * (2 * temperature)

@@ -24,7 +24,7 @@ from moco_scale.checkpoint import atomic_save, reference_checkpoint
 from moco_scale.config import ConfigError
 from moco_scale.data import BUILTIN_IMAGE_SIZE, DataError, pretrain_dataset, pretrain_loader
 from moco_scale.dist import DistContext, init_distributed, mean_across_ranks, shutdown, world_size_from_env
-from moco_scale.engines import build_engine, load_engine_config
+from moco_scale.engines import build_engine, load_engine_config, needs_process_group
 from moco_scale.models import ARCHS, UnknownArchError, build_moco
 from moco_scale.optim import OPTIMIZERS
 from moco_scale.telemetry import RunLogger, Throughput
@@ -128,11 +128,19 @@ def resolved_config(args: argparse.Namespace, engine_cfg: dict, ctx: DistContext
     }
 
 
+def engine_label(cfg: dict[str, Any]) -> str:
+    if cfg["engine"] == "deepspeed":
+        return f"deepspeed ZeRO-{cfg['zero_stage']}"
+    if cfg["engine"] == "fsdp":
+        return "fsdp full shard" if cfg["reshard_after_forward"] else "fsdp grad/optimizer shard"
+    return cfg["engine"]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train; returns the summary (also written to DIR/summary.json)."""
     world = world_size_from_env()
     check_args(args, world)
-    engine_cfg = load_engine_config(args.engine_config)
+    engine_cfg = load_engine_config(args.engine_config, args.batch_size, world)
     if args.image_size is None:
         args.image_size = BUILTIN_IMAGE_SIZE if args.data is None else 224
     dataset = pretrain_dataset(args.data, args.image_size, args.crop_min, args.seed, args.skip_bad_data)
@@ -140,7 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"global batch -b {args.batch_size} is larger than the dataset "
                           f"({len(dataset)} images in {args.data or 'the built-in dataset'})")
 
-    ctx = init_distributed(args.device, args.dist_timeout)
+    ctx = init_distributed(args.device, args.dist_timeout, require_group=needs_process_group(engine_cfg))
     torch.manual_seed(args.seed)
     model = build_moco(**model_kwargs(args))
     engine = build_engine(model, args.optimizer, args.weight_decay, engine_cfg, ctx)
@@ -160,7 +168,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     base_lr = schedules.scaled_lr(args.lr, args.batch_size)
     logger = RunLogger(args.output_dir, ctx.is_main, total_steps)
     logger.message(f"moco-scale: {args.arch}, world {ctx.world_size} on {ctx.device}, global batch "
-                   f"{args.batch_size}, {iters} steps/epoch, {total_steps} steps, engine {engine_cfg['engine']} "
+                   f"{args.batch_size}, {iters} steps/epoch, {total_steps} steps, engine {engine_label(engine_cfg)} "
                    f"({engine.precision}), output {args.output_dir}")
     meter, step, last_loss, started = Throughput(), 0, float("nan"), time.time()
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth.tar")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -62,6 +63,30 @@ def assert_states_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
     assert worst[0] <= rtol, f"{worst[1]} differs by {worst[0]:.2e} (relative)"
 
 
+def noise_only_elements(state32: dict, state64: dict, init: dict, params: set[str]) -> dict[str, torch.Tensor]:
+    """Per parameter, the elements with a zero true gradient: unmoved by the fp64 oracle (real AdamW
+    steps are ~lr) yet moved in fp32, where AdamW turns ~1e-9 rounding noise into full steps."""
+    noise = {k: ((state64[k] - init[k].double()).abs() <= 1e-8) & ((state32[k] - init[k]).abs() > 0) for k in params}
+    return {k: v for k, v in noise.items() if v.any()}
+
+
+def assert_matches_oracle(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], init: dict[str, torch.Tensor],
+                          params: set[str], noise_only: dict[str, torch.Tensor], fp64: bool = False) -> None:
+    """Parameters to 1e-5 relative in fp32 (1e-10 in fp64) outside the noise-only elements, which move
+    no further than the oracle's own noise; BN buffers to 1e-3 in fp32; the updates themselves agree."""
+    mask = lambda k, t: t.masked_fill(noise_only[k], 0) if k in noise_only else t  # noqa: E731
+    assert_states_close({k: mask(k, got[k]) for k in params}, {k: mask(k, want[k]) for k in params},
+                        rtol=1e-10 if fp64 else 1e-5, atol=1e-9 if fp64 else 0.0)
+    buffers = set(want) - params
+    assert_states_close({k: got[k] for k in buffers}, {k: want[k] for k in buffers},
+                        rtol=1e-10 if fp64 else 1e-3, atol=1e-9 if fp64 else 1e-7)
+    for k, m in noise_only.items():
+        assert (got[k] - init[k])[m].abs().max() <= 3 * (want[k] - init[k])[m].abs().max() + 1e-6, k
+    for k in params:
+        if rel_err(want[k], init[k]) > 1e-4:
+            assert rel_err(mask(k, got[k] - init[k]), mask(k, want[k] - init[k])) < 1e-3, k
+
+
 def assert_losses_close(got: list[float], want: list[float], rtol: float = 1e-5) -> None:
     assert len(got) == len(want), (got, want)
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
@@ -82,6 +107,32 @@ def run_cli(args: list[str], launcher: list[str] | None = None, timeout: float =
 def torchrun(nproc: int) -> list[str]:
     return [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
             "-m", "moco_scale.pretrain"]
+
+
+def builtin_batches(batch: int, steps: int, dtype: torch.dtype = torch.float32) -> list[tuple[torch.Tensor, ...]]:
+    """The augmented global batches `moco-scale pretrain` sees on the built-in dataset (seed 0,
+    crop-min 0.2, 32 px), whatever the world size: augmentation is keyed by image and epoch."""
+    from moco_scale.data import GlobalBatchSampler, pretrain_dataset
+
+    ds = pretrain_dataset(None, 32, 0.2, seed=0)
+    batches = []
+    for keys in GlobalBatchSampler(len(ds), batch, 1, 0, seed=0):
+        views = [ds[k] for k in keys]
+        batches.append(tuple(torch.stack([v[i] for v in views]).to(dtype) for i in (0, 1)))
+        if len(batches) == steps:
+            return batches
+    return batches
+
+
+def read_run(path: Path) -> tuple[list[float], dict[str, torch.Tensor], dict]:
+    """Losses from metrics.jsonl and the state dict (without 'module.') of DIR/checkpoint.pth.tar."""
+    losses = [json.loads(line)["loss"] for line in open(path / "metrics.jsonl")]
+    ckpt = torch.load(path / "checkpoint.pth.tar", weights_only=True)
+    return losses, {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}, ckpt
+
+
+def engine_config(name: str) -> str:
+    return str(REPO / "ds_configs" / f"{name}.json")
 
 
 def deepspeed_launcher(nproc: int) -> list[str]:

@@ -12,7 +12,9 @@ from helpers import (
     TINY_VIT_FLAGS,
     assert_losses_close,
     assert_states_close,
+    builtin_batches,
     deepspeed_launcher,
+    read_run,
     run_cli,
     torchrun,
 )
@@ -20,7 +22,6 @@ from PIL import Image
 from reference import Oracle
 
 from moco_scale import build_moco
-from moco_scale.data import GlobalBatchSampler, pretrain_dataset
 
 B, STEPS, EPOCHS, WARMUP, LR = 16, 3, 2, 1, 6.0
 COMMON = ["-b", str(B), "--epochs", str(EPOCHS), "--warmup-epochs", str(WARMUP), "--lr", str(LR),
@@ -30,12 +31,6 @@ ARCH_FLAGS = {"vit": TINY_VIT_FLAGS, "resnet": ["-a", "resnet_tiny", "--moco-dim
 ARCH_KWARGS = {"vit": TINY_VIT, "resnet": dict(arch="resnet_tiny", img_size=32, moco_dim=32, moco_mlp_dim=64)}
 LAUNCHES = {"plain-1": None, "torchrun-2": lambda: torchrun(2), "torchrun-4": lambda: torchrun(4),
             "deepspeed-2": lambda: deepspeed_launcher(2)}
-
-
-def read_run(path):
-    losses = [json.loads(line)["loss"] for line in open(path / "metrics.jsonl")]
-    ckpt = torch.load(path / "checkpoint.pth.tar", weights_only=True)
-    return losses, {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}, ckpt
 
 
 @pytest.fixture(scope="module")
@@ -54,19 +49,12 @@ def runs(tmp_path_factory):
 
 
 def oracle(arch: str):
-    ds = pretrain_dataset(None, 32, 0.2, seed=0)
-    sampler = GlobalBatchSampler(len(ds), B, 1, 0, seed=0)
-    batches = []
-    for keys in sampler:
-        views = [ds[k] for k in keys]
-        batches.append((torch.stack([v[0] for v in views]), torch.stack([v[1] for v in views])))
-        if len(batches) == STEPS:
-            break
+    batches = builtin_batches(B, STEPS)
     torch.manual_seed(0)
     model = build_moco(**ARCH_KWARGS[arch])
     o = Oracle(model.base_encoder, model.momentum_encoder, model.predictor, T=model.temperature, optimizer="lars",
                base_lr=LR, wd=1e-6, batch=B, epochs=EPOCHS, warmup=WARMUP, m0=0.99, m_cos=True,
-               iters_per_epoch=len(sampler))
+               iters_per_epoch=1437 // B)
     return o.train(batches), o.state_dict()
 
 

@@ -1,4 +1,5 @@
-"""Engines behind one contract, picked by the `engine` key of an engine JSON."""
+"""Engines behind one contract, picked by the engine JSON: `"engine": "ddp" | "fsdp"` in moco-scale's
+small schema, or a genuine DeepSpeed config (recognised by its DeepSpeed keys)."""
 
 from __future__ import annotations
 
@@ -8,22 +9,27 @@ from moco_scale.config import ConfigError, load_json, looks_like_deepspeed, vali
 from moco_scale.dist import DistContext
 from moco_scale.engines.base import Engine
 from moco_scale.engines.ddp import DDPEngine
+from moco_scale.engines.deepspeed import DeepSpeedEngine, resolve_deepspeed_config
+from moco_scale.engines.fsdp import FSDPEngine
 from moco_scale.models import MoCo
 
-ENGINES: dict[str, type[Engine]] = {"ddp": DDPEngine}
+ENGINES: dict[str, type[Engine]] = {"ddp": DDPEngine, "fsdp": FSDPEngine, "deepspeed": DeepSpeedEngine}
 
 
-def load_engine_config(path: str | None) -> dict[str, Any]:
-    """The engine JSON at `path` (DDP defaults when None), validated with every default filled in."""
+def load_engine_config(path: str | None, global_batch: int | None = None, world: int = 1) -> dict[str, Any]:
+    """The engine JSON at `path` (DDP defaults when None), validated with every default filled in.
+
+    A DeepSpeed JSON's "auto" batch fields are filled from `global_batch` and `world`.
+    """
     if path is None:
         return dict(DDPEngine.DEFAULTS)
     cfg = load_json(path)
     if looks_like_deepspeed(cfg):
-        raise ConfigError(f"engine config {path} is a DeepSpeed config; this version runs the engines "
-                          f"{', '.join(ENGINES)} only (ds_configs/ddp.json)")
+        return resolve_deepspeed_config(cfg, path, global_batch, world)
     name = cfg.get("engine")
-    if name not in ENGINES:
-        raise ConfigError(f"engine config {path}: key 'engine' must be one of {', '.join(ENGINES)}, got {name!r}")
+    if name not in ("ddp", "fsdp"):
+        raise ConfigError(f"engine config {path}: key 'engine' must be ddp or fsdp (or the file a DeepSpeed "
+                          f"config with a 'zero_optimization' section), got {name!r}")
     cls = ENGINES[name]
     return validate(cfg, cls.DEFAULTS, cls.CHOICES, f"engine config {path}")
 
@@ -33,4 +39,8 @@ def build_engine(model: MoCo, optimizer: str, weight_decay: float, config: dict[
     return ENGINES[config["engine"]](model, optimizer, weight_decay, config, ctx)
 
 
-__all__ = ["ENGINES", "Engine", "build_engine", "load_engine_config"]
+def needs_process_group(config: dict[str, Any]) -> bool:
+    return ENGINES[config["engine"]].needs_process_group
+
+
+__all__ = ["ENGINES", "Engine", "build_engine", "load_engine_config", "needs_process_group"]

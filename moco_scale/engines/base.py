@@ -33,6 +33,8 @@ class Engine(ABC):
     name: ClassVar[str]
     DEFAULTS: ClassVar[dict[str, Any]]
     CHOICES: ClassVar[dict[str, tuple]] = {}
+    #: a sharding engine needs a process group even in one plain process
+    needs_process_group: ClassVar[bool] = False
 
     model: MoCo
     optimizer: torch.optim.Optimizer
@@ -64,11 +66,18 @@ class Engine(ABC):
 
     @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model in the reference layout (base_encoder.*, momentum_encoder.*, predictor.*)."""
+        """The whole model in the reference layout (base_encoder.*, momentum_encoder.*, predictor.*), fp32.
+
+        A collective under sharding (call it on every rank); tensors may share storage with the live
+        model, so clone what must outlive the next step."""
 
     @abstractmethod
     def optimizer_state_dict(self) -> dict[str, Any]:
         """Optimizer and loss-scaler state, for checkpoints."""
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     def close(self) -> None:  # noqa: B027 - optional hook: only engines holding resources override it
         """Release what the engine holds before the process group goes away."""

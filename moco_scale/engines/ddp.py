@@ -9,6 +9,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from moco_scale.dist import DistContext
+from moco_scale.engines.activation_checkpointing import apply_activation_checkpointing
 from moco_scale.engines.base import PRECISIONS, Engine, resolve_precision
 from moco_scale.models import MoCo
 from moco_scale.optim import build_optimizer
@@ -24,7 +25,8 @@ class DDPEngine(Engine):
     """
 
     name = "ddp"
-    DEFAULTS = {"engine": "ddp", "precision": "auto", "bucket_cap_mb": 25.0, "find_unused_parameters": False}
+    DEFAULTS = {"engine": "ddp", "precision": "auto", "bucket_cap_mb": 25.0, "find_unused_parameters": False,
+                "activation_checkpointing": 0}
     CHOICES = {"engine": ("ddp",), "precision": PRECISIONS}
 
     def __init__(self, model: MoCo, optimizer: str, weight_decay: float, config: dict[str, Any],
@@ -32,6 +34,7 @@ class DDPEngine(Engine):
         self.ctx = ctx
         self.model = model.to(ctx.device)
         self.precision = resolve_precision(config["precision"], ctx.device)
+        apply_activation_checkpointing(model, config["activation_checkpointing"])
         self.module: torch.nn.Module = model
         if ctx.is_distributed and ctx.world_size > 1:
             # BN statistics are synced, so buffers agree on every rank without a broadcast.
@@ -58,8 +61,7 @@ class DDPEngine(Engine):
         self.scaler.scale(loss).backward()
 
     def step(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self.set_lr(lr)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

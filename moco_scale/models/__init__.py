@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from moco_scale.models.batchnorm import SyncBatchNorm, convert_sync_batchnorm
 from moco_scale.models.heads import build_mlp
-from moco_scale.models.moco import MoCo, backbone_features, projector
+from moco_scale.models.moco import MoCo, backbone_blocks, backbone_features, projector
 from moco_scale.models.resnet import RESNET_ARCHS, build_resnet
 from moco_scale.models.vit import VIT_ARCHS, build_vit
 
@@ -40,5 +40,6 @@ def build_moco(arch: str = "vit_small", *, img_size: int = 224, patch_size: int 
     return convert_sync_batchnorm(MoCo(encoder, predictor, moco_t))
 
 
-__all__ = ["ARCHS", "MoCo", "SyncBatchNorm", "UnknownArchError", "backbone_features", "build_mlp",
+__all__ = ["ARCHS", "MoCo", "SyncBatchNorm", "UnknownArchError", "backbone_blocks", "backbone_features",
+           "build_mlp",
            "build_moco", "projector"]

@@ -45,11 +45,15 @@ class SyncBatchNorm(_BatchNorm):
         self._check_input_dim(x)
         use_batch_stats = self.training or not self.track_running_stats
         if not use_batch_stats or self._world() == 1:
+            # fp32 at least: a sharding engine may hand in 16-bit inputs and weights, the
+            # running statistics stay fp32
+            xf = x.to(torch.promote_types(x.dtype, torch.float32))
             factor = self._momentum_factor() if self.training else 0.0
             return F.batch_norm(
-                x, self.running_mean if not self.training or self.track_running_stats else None,
+                xf, self.running_mean if not self.training or self.track_running_stats else None,
                 self.running_var if not self.training or self.track_running_stats else None,
-                self.weight, self.bias, use_batch_stats, factor, self.eps)
+                None if self.weight is None else self.weight.to(xf.dtype),
+                None if self.bias is None else self.bias.to(xf.dtype), use_batch_stats, factor, self.eps).to(x.dtype)
         return self._global_batch_norm(x)
 
     def _global_batch_norm(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,14 @@ def backbone_features(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return resnet_features(encoder, x)
 
 
+def backbone_blocks(encoder: nn.Module) -> list[nn.Module]:
+    """The repeated blocks a sharding engine wraps one by one (and activation checkpointing recomputes):
+    ViT transformer blocks, ResNet residual blocks."""
+    if isinstance(encoder, VisionTransformer):
+        return list(encoder.blocks)
+    return [block for layer in (encoder.layer1, encoder.layer2, encoder.layer3, encoder.layer4) for block in layer]
+
+
 def projector(encoder: nn.Module) -> nn.Module:
     return encoder.head if isinstance(encoder, VisionTransformer) else encoder.fc
 

@@ -1,0 +1,275 @@
+"""DeepSpeed ZeRO stages 0-3, configured by a genuine DeepSpeed JSON.
+
+The whole MoCo module goes to one `deepspeed.initialize`, so ZeRO-3 partitions the momentum
+encoder exactly like the base encoder (flat ceil(numel / world) slices per parameter). In 16-bit
+modes DeepSpeed casts the module, so the momentum encoder keeps its own fp32 values, laid out
+like the optimizer's fp32 masters, and is updated from those masters (an EMA with 1 - m <= 0.01
+stored in bf16 rounds away):
+
+- ZeRO-3: one fp32 partition per parameter, lerped against `safe_get_local_fp32_param`, then
+  copied into the momentum parameter's 16-bit partition: local, no communication.
+- ZeRO 1-2 in 16 bits: one fp32 fragment per parameter slice this rank's optimizer owns, lerped
+  locally, then one all-reduce of a 16-bit buffer rebuilds the replicated momentum weights
+  (as ZeRO 1/2 all-gathers the base weights after each step).
+- ZeRO 0 in 16 bits: DeepSpeed keeps whole fp32 masters on every rank; so does the momentum
+  encoder: a local lerp, then a cast into the 16-bit weights.
+- ZeRO 0-2 in fp32: the module parameters are the fp32 values; a local lerp, as in DDP.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import itertools
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from moco_scale.config import ConfigError, validate
+from moco_scale.dist import DistContext
+from moco_scale.engines.activation_checkpointing import apply_activation_checkpointing
+from moco_scale.engines.base import Engine
+from moco_scale.models import MoCo
+from moco_scale.optim import build_optimizer
+
+#: moco-scale's own keys, in a "moco_scale" section that is removed before DeepSpeed reads the file
+MOCO_SCALE_DEFAULTS: dict[str, Any] = {"activation_checkpointing": 0}
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def resolve_deepspeed_config(raw: dict[str, Any], source: str, global_batch: int | None,
+                             world: int) -> dict[str, Any]:
+    """The engine config for a DeepSpeed JSON: its "auto" batch fields filled from -b and the world
+    size (numbers must agree with them), clipping off unless asked for, moco-scale's section split off."""
+    cfg = copy.deepcopy(raw)
+    ours = validate(cfg.pop("moco_scale", {}), MOCO_SCALE_DEFAULTS, {}, f"engine config {source}: section 'moco_scale'")
+    for key in ("optimizer", "scheduler"):
+        if key in cfg:
+            raise ConfigError(f"engine config {source}: remove the '{key}' section: the optimizer and its schedule "
+                              "come from --optimizer, --lr, --wd, --epochs and --warmup-epochs, as in the reference")
+    zero = cfg.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"engine config {source}: key 'zero_optimization.stage' must be 0, 1, 2 or 3, got {stage!r}")
+    gas = cfg.get("gradient_accumulation_steps", "auto")
+    if gas not in ("auto", 1):
+        raise ConfigError(f"engine config {source}: key 'gradient_accumulation_steps' must be 1 or \"auto\", got "
+                          f"{gas!r}: MoCo v3 takes its negatives from the whole global batch in one step, so "
+                          "accumulation would change the loss")
+    cfg["gradient_accumulation_steps"] = 1
+    if global_batch is not None:
+        want = {"train_batch_size": global_batch, "train_micro_batch_size_per_gpu": global_batch // world}
+        for key, value in want.items():
+            given = cfg.get(key, "auto")
+            if given != "auto" and given != value:
+                raise ConfigError(f"engine config {source}: key '{key}' is {given}, but -b {global_batch} over "
+                                  f"{world} rank(s) gives {value}; set it to \"auto\" or {value}")
+            cfg[key] = value
+    # DeepSpeed clips at 1.0 unless told otherwise; the reference clips nothing
+    cfg.setdefault("gradient_clipping", 0.0)
+    return {"engine": "deepspeed", "zero_stage": stage, **ours, "deepspeed": cfg}
+
+
+def _resolve_precision(cfg: dict[str, Any], device: torch.device) -> str:
+    """"auto" in the bf16/fp16 sections: bf16 on a GPU that has it, fp32 elsewhere."""
+    for key in ("bf16", "fp16"):
+        section = cfg.get(key)
+        if isinstance(section, dict) and section.get("enabled") == "auto":
+            section["enabled"] = key == "bf16" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16 = bool(cfg.get("bf16", {}).get("enabled", False))
+    fp16 = bool(cfg.get("fp16", {}).get("enabled", False))
+    if bf16 and fp16:
+        raise ConfigError("engine config: 'bf16' and 'fp16' cannot both be enabled")
+    if fp16 and device.type != "cuda":
+        raise ConfigError(f"engine config: fp16 with loss scaling needs a CUDA device; use bf16 or fp32 on "
+                          f"{device.type}")
+    return "bf16" if bf16 else "fp16" if fp16 else "fp32"
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+    DEFAULTS = {"engine": "deepspeed", "zero_stage": 0, **MOCO_SCALE_DEFAULTS, "deepspeed": {}}
+    needs_process_group = True
+
+    def __init__(self, model: MoCo, optimizer: str, weight_decay: float, config: dict[str, Any],
+                 ctx: DistContext) -> None:
+        import deepspeed
+
+        self.ctx = ctx
+        ds_cfg = copy.deepcopy(config["deepspeed"])
+        if "auto" in (ds_cfg.get(k) for k in _BATCH_KEYS):
+            raise ConfigError("engine config: batch fields are still \"auto\"; load it with the global batch")
+        self.precision = _resolve_precision(ds_cfg, ctx.device)
+        self.stage = config["zero_stage"]
+        if optimizer == "lars" and (self.stage > 0 or self.precision != "fp32"):
+            raise ConfigError(f"LARS needs the norm of whole parameters, but ZeRO stage {self.stage} "
+                              f"({self.precision}) hands the optimizer flat partitions; use ZeRO stage 0 in fp32, "
+                              "an FSDP config (ds_configs/fsdp.json), or --optimizer adamw")
+        apply_activation_checkpointing(model, config["activation_checkpointing"])
+        model.to(ctx.device)
+        # fp32 values of frozen base/predictor parameters (fixed position embedding, stop-grad conv1):
+        # DeepSpeed keeps no fp32 master of them, and they never change
+        self._frozen = {n: p.detach().clone() for n, p in model.named_parameters()
+                        if not p.requires_grad and not n.startswith("momentum_encoder.")}
+        trainable = [p for p in itertools.chain(model.base_encoder.parameters(), model.predictor.parameters())
+                     if p.requires_grad]
+        self.optimizer = build_optimizer(optimizer, trainable, weight_decay)
+        self.ds, self._ds_optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=self.optimizer, model_parameters=trainable, config=ds_cfg,
+            dist_init_required=False)
+        self.model = model
+        for bn in (m for m in model.modules() if isinstance(m, _BatchNorm)):  # statistics stay fp32
+            for name in ("running_mean", "running_var"):
+                buf = getattr(bn, name)
+                if buf is not None and buf.dtype != torch.float32:
+                    setattr(bn, name, buf.float())
+        self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self._pairs = [(m, b) for m, b in zip(model.momentum_encoder.parameters(), model.base_encoder.parameters(),
+                                               strict=True) if b.requires_grad]
+        self._init_momentum_state()
+
+    # -- momentum encoder -------------------------------------------------------------------------
+    def _init_momentum_state(self) -> None:
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        if self.stage == 3:
+            self._mode = "partition"
+            self._m32 = [m.ds_tensor if m.ds_tensor.dtype == torch.float32
+                         else safe_get_local_fp32_param(b).detach().clone() for m, b in self._pairs]
+        elif self._dtype is None:
+            self._mode = "replicated"
+        elif self.stage == 0:
+            self._mode = "master_copy"
+            self._master_by_id = self._master_views()
+            self._masters = [self._master_by_id[id(b)] for _, b in self._pairs]
+            self._m32 = [t.detach().clone() for t in self._masters]
+        else:
+            self._mode = "fragments"
+            self._offsets = list(itertools.accumulate((b.numel() for _, b in self._pairs), initial=0))
+            self._m32 = [None if b._hp_mapping is None else b._hp_mapping.get_hp_fragment().detach().clone()
+                         for _, b in self._pairs]
+
+    def _master_views(self) -> dict[int, torch.Tensor]:
+        """Per-parameter fp32 masters of DeepSpeed's ZeRO-0 16-bit optimizer (fused: flat; unfused: a list)."""
+        opt = self._ds_optimizer
+        views: dict[int, torch.Tensor] = {}
+        if hasattr(opt, "fp32_groups_flat"):
+            for params, flat in zip(opt.fp16_groups, opt.fp32_groups_flat, strict=True):
+                offsets = itertools.accumulate((p.numel() for p in params), initial=0)
+                views.update({id(p): flat.narrow(0, o, p.numel()).view_as(p)
+                              for p, o in zip(params, offsets, strict=False)})
+        else:
+            for params, masters in zip(opt.fp16_groups, opt.fp32_groups, strict=True):
+                views.update({id(p): t.view_as(p) for p, t in zip(params, masters, strict=True)})
+        return views
+
+    def _owned(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(pair index, momentum fp32 fragment, base fp32 master fragment) for the slices this rank owns."""
+        return [(i, s, b._hp_mapping.get_hp_fragment())
+                for i, (s, (_, b)) in enumerate(zip(self._m32, self._pairs, strict=True)) if s is not None]
+
+    def _assemble(self, dtype: torch.dtype) -> torch.Tensor:
+        """The full momentum parameters as one flat buffer: each rank fills its fragments, one all-reduce."""
+        buf = torch.zeros(self._offsets[-1], dtype=dtype, device=self.ctx.device)
+        for i, state, _ in self._owned():
+            addr = self._pairs[i][1]._hp_mapping.lp_fragment_address
+            buf.narrow(0, self._offsets[i] + addr.start, addr.numel).copy_(state.view(-1))
+        dist.all_reduce(buf)
+        return buf
+
+    @torch.no_grad()
+    def update_momentum(self, m: float) -> None:
+        if self._mode == "replicated":
+            torch._foreach_lerp_([p for p, _ in self._pairs], [p for _, p in self._pairs], 1.0 - m)
+        elif self._mode == "master_copy":
+            torch._foreach_lerp_(self._m32, self._masters, 1.0 - m)
+            torch._foreach_copy_([p for p, _ in self._pairs], self._m32)
+        elif self._mode == "partition":
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            masters = [safe_get_local_fp32_param(b) for _, b in self._pairs]
+            torch._foreach_lerp_(self._m32, masters, 1.0 - m)
+            copies = [(p.ds_tensor, s) for (p, _), s in zip(self._pairs, self._m32, strict=True)
+                      if p.ds_tensor is not s]
+            if copies:
+                torch._foreach_copy_([d for d, _ in copies], [s.to(d.device) for d, s in copies])
+        else:
+            owned = self._owned()
+            if owned:
+                torch._foreach_lerp_([s for _, s, _ in owned], [h for _, _, h in owned], 1.0 - m)
+            buf = self._assemble(self._dtype)
+            for (p, _), start in zip(self._pairs, self._offsets, strict=False):
+                p.copy_(buf.narrow(0, start, p.numel()).view_as(p))
+
+    # -- training step ----------------------------------------------------------------------------
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        x1 = x1.to(self.ctx.device, dtype=self._dtype, non_blocking=True)
+        x2 = x2.to(self.ctx.device, dtype=self._dtype, non_blocking=True)
+        return self.ds(x1, x2)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def step(self, lr: float) -> None:
+        self.set_lr(lr)
+        self.ds.step()
+
+    # -- state --------------------------------------------------------------------------------------
+    def _full_base(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """The fp32 master of a trainable base/predictor parameter (a collective in 16-bit or ZeRO-3)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        if self.stage < 3 and self._dtype is None:
+            return p.detach()
+        if self._mode == "master_copy":
+            return self._master_by_id[id(p)].detach()
+        return safe_get_full_fp32_param(p)
+
+    def _full_momentum(self) -> list[torch.Tensor]:
+        if self._mode == "replicated":
+            return [p.detach() for p, _ in self._pairs]
+        if self._mode == "master_copy":
+            return [s.detach() for s in self._m32]
+        if self._mode == "fragments":
+            buf = self._assemble(torch.float32)
+            return [buf.narrow(0, start, p.numel()).view_as(p) for (p, _), start in
+                    zip(self._pairs, self._offsets, strict=False)]
+        out = []
+        for (p, _), s in zip(self._pairs, self._m32, strict=True):
+            gathered = torch.empty(s.numel() * self.ctx.world_size, dtype=torch.float32, device=self.ctx.device)
+            dist.all_gather_single(gathered, s.detach().reshape(-1).to(self.ctx.device, torch.float32))
+            out.append(gathered[:p.ds_numel].view(p.ds_shape))
+        return out
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """fp32 masters of the base encoder and predictor, the fp32 momentum encoder, fp32 BN statistics."""
+        params = dict(self.model.named_parameters())
+        momentum = {id(p): t for (p, _), t in zip(self._pairs, self._full_momentum(), strict=True)}
+        out = {}
+        for name in self.model.state_dict():
+            if name not in params:
+                out[name] = self.model.get_buffer(name).detach()
+            elif name in self._frozen:
+                out[name] = self._frozen[name]
+            elif name.startswith("momentum_encoder."):
+                p = params[name]
+                twin = "base_encoder." + name.removeprefix("momentum_encoder.")
+                out[name] = momentum[id(p)] if id(p) in momentum else self._frozen[twin]
+            else:
+                out[name] = self._full_base(params[name])
+        return out
+
+    def optimizer_state_dict(self) -> dict[str, Any]:
+        # DeepSpeed's optimizer state is partitioned; it is saved in DeepSpeed's own sharded
+        # checkpoint format, not in the reference's single file
+        return {"optimizer": None, "scaler": None}
+
+    def close(self) -> None:
+        """Measured on gloo: without this, ZeRO-2/3 ranks abort at interpreter exit in about a quarter of runs."""
+        if self.ds is not None:
+            self.ds.destroy()
+        self.ds = self._ds_optimizer = self.optimizer = None
+        self._m32 = []
+        gc.collect()

@@ -1,0 +1,105 @@
+"""PyTorch FSDP2 (fully_shard): parameters, gradients and optimizer state sharded over ranks.
+
+The plan, as torchtitan's `parallelize`: one FSDP unit per backbone block, one per head, the
+rest in the root. Base and momentum encoders get the same plan, so each parameter of one has
+the same dim-0 shard as its twin in the other: the momentum update is a `lerp_` of local
+shards, fp32 (FSDP keeps sharded parameters in fp32 and casts only the gathered copies), with
+no communication, as in DINOv2's teacher.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from moco_scale.dist import DistContext
+from moco_scale.engines.activation_checkpointing import apply_activation_checkpointing
+from moco_scale.engines.base import PRECISIONS, Engine, resolve_precision
+from moco_scale.models import MoCo, backbone_blocks, projector
+from moco_scale.optim import build_optimizer
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class FSDPEngine(Engine):
+    """FSDP2 full shard (`reshard_after_forward: true`) or gradient/optimizer sharding only (false)."""
+
+    name = "fsdp"
+    DEFAULTS = {"engine": "fsdp", "precision": "auto", "reshard_after_forward": True, "reduce_dtype": "fp32",
+                "activation_checkpointing": 0}
+    CHOICES = {"engine": ("fsdp",), "precision": PRECISIONS, "reduce_dtype": ("fp32", "bf16", "fp16")}
+    needs_process_group = True
+
+    def __init__(self, model: MoCo, optimizer: str, weight_decay: float, config: dict[str, Any],
+                 ctx: DistContext) -> None:
+        self.ctx = ctx
+        precision = config["precision"]
+        if precision == "auto":  # FSDP's natural mode on GPU is bf16; the reference's fp16 needs a scaler
+            precision = "bf16" if ctx.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        self.precision = resolve_precision(precision, ctx.device)
+        apply_activation_checkpointing(model, config["activation_checkpointing"])
+        self.model = model.to(ctx.device)
+        mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+        policy = MixedPrecisionPolicy()
+        if self.precision != "fp32":
+            policy = MixedPrecisionPolicy(param_dtype=_DTYPES[self.precision],
+                                          reduce_dtype=_DTYPES[config["reduce_dtype"]])
+        shard = dict(mesh=mesh, mp_policy=policy, reshard_after_forward=config["reshard_after_forward"])
+        for encoder in (model.base_encoder, model.momentum_encoder):  # the same plan for both
+            for block in backbone_blocks(encoder):
+                fully_shard(block, **shard)
+            fully_shard(projector(encoder), **shard)
+        fully_shard(model.predictor, **shard)
+        fully_shard(model, **shard)
+        self._pairs = [(m, b) for m, b in zip(model.momentum_encoder.parameters(), model.base_encoder.parameters(),
+                                               strict=True) if b.requires_grad]
+        trainable = [p for p in (*model.base_encoder.parameters(), *model.predictor.parameters())]
+        self.optimizer = build_optimizer(optimizer, trainable, weight_decay)
+        self.scaler = None
+        if self.precision == "fp16":
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            self.scaler = ShardedGradScaler(init_scale=2.0**16, growth_interval=2000)
+
+    @torch.no_grad()
+    def update_momentum(self, m: float) -> None:
+        # frozen base parameters (fixed position embedding, stop-grad conv1) never change, nor do their twins
+        torch._foreach_lerp_([_local(p) for p, _ in self._pairs], [_local(p) for _, p in self._pairs], 1.0 - m)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        return self.model(x1.to(self.ctx.device, non_blocking=True), x2.to(self.ctx.device, non_blocking=True))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def step(self, lr: float) -> None:
+        self.set_lr(lr)
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every rank gathers every tensor (a collective in the same order everywhere)."""
+        return {k: _full(v) for k, v in self.model.state_dict().items()}
+
+    def optimizer_state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return {"optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=opts),
+                "scaler": None if self.scaler is None else self.scaler.state_dict()}

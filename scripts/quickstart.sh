@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# The main job: set up .venv, pretrain a tiny ViT on the built-in digits with 2 CPU processes
-# (a few minutes), then compare frozen features of the pretrained and the randomly initialised
-# encoder with kNN and linear probes on the held-out split. Re-running starts a fresh run.
+# The main job: set up .venv, pretrain a tiny ViT on the built-in digits under the DeepSpeed
+# launcher with ZeRO-3 (model states sharded over 2 CPU processes, or over the GPUs of this
+# machine), then compare frozen features of the pretrained and the randomly initialised encoder
+# with kNN and linear probes on the held-out split. Re-running starts a fresh run.
+# ENGINE=ds_configs/fsdp.json (or any file in ds_configs/) switches the engine; nothing else changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-export PATH="$PWD/.venv/bin:$PATH" DS_ACCELERATOR=cpu
+export PATH="$PWD/.venv/bin:$PATH"
+GPUS=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "$GPUS" -eq 0 ]; then export DS_ACCELERATOR=cpu; fi
 OUT=${OUT:-runs/quickstart}
-NPROC=${NPROC:-2}
-torchrun --nproc_per_node "$NPROC" -m moco_scale.pretrain \
+ENGINE=${ENGINE:-ds_configs/zero3.json}
+NPROC=${NPROC:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || echo 2)}
+PORT=${PORT:-$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")}
+deepspeed --num_gpus "$NPROC" --master_port "$PORT" --module moco_scale.pretrain \
   -a vit_tiny --patch-size 4 --embed-dim 128 --depth 4 --num-heads 4 \
   --moco-dim 128 --moco-mlp-dim 512 --moco-t 0.2 --moco-m 0.99 --moco-m-cos \
   --optimizer adamw --lr 1e-3 --wd 0.1 --epochs 30 --warmup-epochs 5 --crop-min 0.2 \
-  -b 128 -j 0 -p 10 --engine-config ds_configs/ddp.json --output-dir "$OUT" --overwrite "$@"
+  -b 128 -j 0 -p 10 --engine-config "$ENGINE" --output-dir "$OUT" --overwrite "$@"
 moco-scale probe --pretrained "$OUT/checkpoint.pth.tar"
 echo "run folder: $OUT (config.json, metrics.jsonl, tensorboard/, checkpoint.pth.tar, probe.json)"

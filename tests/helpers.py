@@ -64,19 +64,28 @@ def assert_states_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
 
 
 def noise_only_elements(state32: dict, state64: dict, init: dict, params: set[str]) -> dict[str, torch.Tensor]:
-    """Per parameter, the elements with a zero true gradient: unmoved by the fp64 oracle (real AdamW
-    steps are ~lr) yet moved in fp32, where AdamW turns ~1e-9 rounding noise into full steps."""
+    """Per parameter, the elements with a zero true gradient: unmoved by the fp64 oracle yet moved in
+    fp32, where AdamW turns ~1e-9 rounding noise into lr-sized steps (the final LayerNorm bias feeds
+    Linear -> BN; the key third of the qkv bias is softmax-invariant), and their momentum twins."""
     noise = {k: ((state64[k] - init[k].double()).abs() <= 1e-8) & ((state32[k] - init[k]).abs() > 0) for k in params}
     return {k: v for k, v in noise.items() if v.any()}
 
 
 def assert_matches_oracle(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], init: dict[str, torch.Tensor],
-                          params: set[str], noise_only: dict[str, torch.Tensor], fp64: bool = False) -> None:
+                          params: set[str], noise_only: dict[str, torch.Tensor], fp64: bool = False,
+                          exact: dict[str, torch.Tensor] | None = None) -> None:
     """Parameters to 1e-5 relative in fp32 (1e-10 in fp64) outside the noise-only elements, which move
-    no further than the oracle's own noise; BN buffers to 1e-3 in fp32; the updates themselves agree."""
+    no further than the oracle's own noise; BN buffers to 1e-3 in fp32; the updates themselves agree.
+
+    With `exact` (the fp64 oracle's result), a tensor on which the fp32 oracle is itself further than
+    1e-5 from the exact answer may differ from it by up to 3x that error: no fp32 implementation
+    can be asked to be closer to the oracle than the oracle is to the truth."""
     mask = lambda k, t: t.masked_fill(noise_only[k], 0) if k in noise_only else t  # noqa: E731
-    assert_states_close({k: mask(k, got[k]) for k in params}, {k: mask(k, want[k]) for k in params},
-                        rtol=1e-10 if fp64 else 1e-5, atol=1e-9 if fp64 else 0.0)
+    rtol = 1e-10 if fp64 else 1e-5
+    for k in sorted(params):
+        floor = 0.0 if exact is None else 3 * rel_err(mask(k, want[k]), mask(k, exact[k]))
+        assert_states_close({k: mask(k, got[k])}, {k: mask(k, want[k])}, rtol=max(rtol, floor),
+                            atol=1e-9 if fp64 else 0.0)
     buffers = set(want) - params
     assert_states_close({k: got[k] for k in buffers}, {k: want[k] for k in buffers},
                         rtol=1e-10 if fp64 else 1e-3, atol=1e-9 if fp64 else 1e-7)
@@ -129,6 +138,19 @@ def read_run(path: Path) -> tuple[list[float], dict[str, torch.Tensor], dict]:
     losses = [json.loads(line)["loss"] for line in open(path / "metrics.jsonl")]
     ckpt = torch.load(path / "checkpoint.pth.tar", weights_only=True)
     return losses, {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}, ckpt
+
+
+def image_folder(root: Path, good: int, broken: int = 0, classes: tuple[str, ...] = ("a",)) -> Path:
+    """An ImageFolder at root/train with `good` small PNGs per class and `broken` unreadable ones in the last."""
+    from PIL import Image
+
+    for c in classes:
+        (root / "train" / c).mkdir(parents=True)
+        for i in range(good):
+            Image.new("RGB", (36, 36), (30 * i % 256, 20, 90)).save(root / "train" / c / f"{i}.png")
+    for i in range(broken):
+        (root / "train" / classes[-1] / f"broken{i}.png").write_bytes(b"not a png")
+    return root
 
 
 def engine_config(name: str) -> str:

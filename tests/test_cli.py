@@ -14,6 +14,7 @@ from helpers import (
     assert_states_close,
     builtin_batches,
     deepspeed_launcher,
+    image_folder,
     read_run,
     run_cli,
     torchrun,
@@ -129,13 +130,8 @@ def test_corrupt_image_is_named(tmp_path):
 def test_corrupt_image_on_one_rank_ends_the_job_without_hanging(tmp_path):
     """Every image is in the first global batch, so one rank meets a broken file while the other
     waits in a collective: the launcher must end the job promptly, not after --dist-timeout."""
-    (tmp_path / "data" / "train" / "a").mkdir(parents=True)
-    for i in range(8):
-        Image.new("RGB", (36, 36), (30 * i, 20, 90)).save(tmp_path / "data" / "train" / "a" / f"{i}.png")
-    for i in range(2):
-        (tmp_path / "data" / "train" / "a" / f"broken{i}.png").write_bytes(b"not a png")
-    args = [str(tmp_path / "data"), *TINY_VIT_FLAGS, *COMMON, "-b", "10", "--image-size", "32",
-            "--dist-timeout", "600", "--output-dir", str(tmp_path / "o")]
+    args = [str(image_folder(tmp_path / "data", good=8, broken=2)), *TINY_VIT_FLAGS, *COMMON, "-b", "10",
+            "--image-size", "32", "--dist-timeout", "600", "--output-dir", str(tmp_path / "o")]
     res = run_cli(args, launcher=torchrun(2), timeout=120)
     assert res.returncode != 0 and "cannot read image" in res.stderr and "broken" in res.stderr
 

@@ -1,0 +1,94 @@
+"""Engine equivalence on one CUDA device (world 1, fp32, TF32 off): every shipped engine config runs
+3 MoCo v3 steps of a tiny ViT (AdamW) and is compared with tests/reference.py's oracle run on the same
+device, by the test suite's own criteria. Prints one table row per config; exits 1 on a mismatch."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from helpers import TINY_VIT, assert_losses_close, assert_matches_oracle, noise_only_elements, rel_err  # noqa: E402
+from reference import Oracle  # noqa: E402
+
+from moco_scale import build_moco, schedules  # noqa: E402
+from moco_scale.dist import init_distributed  # noqa: E402
+from moco_scale.engines import build_engine, load_engine_config  # noqa: E402
+
+CONFIGS = ["ddp", "fsdp", "fsdp_grad_op", "zero0", "zero1", "zero2", "zero3", "zero3_offload"]
+B, STEPS, ITERS, EPOCHS, WARMUP, LR, WD = 16, 3, 2, 2, 1, 0.05, 0.1
+
+
+def schedule(t: int) -> tuple[float, float]:
+    ep = t / ITERS
+    return (schedules.learning_rate(ep, schedules.scaled_lr(LR, B), EPOCHS, WARMUP),
+            schedules.momentum(ep, 0.99, EPOCHS, True))
+
+
+def oracle(batches, dtype):
+    torch.manual_seed(0)
+    model = build_moco(**TINY_VIT).to("cuda", dtype)
+    o = Oracle(model.base_encoder, model.momentum_encoder, model.predictor, T=model.temperature, optimizer="adamw",
+               base_lr=LR, wd=WD, batch=B, epochs=EPOCHS, warmup=WARMUP, m0=0.99, m_cos=True, iters_per_epoch=ITERS)
+    return o.train([(a.to(dtype), b.to(dtype)) for a, b in batches]), o.state_dict(), model.state_dict()
+
+
+def run_engine(name: str, batches, ctx) -> tuple[list[float], dict]:
+    cfg = load_engine_config(str(REPO / "ds_configs" / f"{name}.json"), B, 1)
+    if cfg["engine"] == "deepspeed":
+        cfg["deepspeed"]["bf16"] = {"enabled": False}
+    else:
+        cfg["precision"] = "fp32"
+    torch.manual_seed(0)
+    engine = build_engine(build_moco(**TINY_VIT), "adamw", WD, cfg, ctx)
+    losses = []
+    for t, (x1, x2) in enumerate(batches):
+        lr, m = schedule(t)
+        losses.append(engine.train_step(x1, x2, lr, m).item())
+    state = {k: v.detach().clone() for k, v in engine.full_state_dict().items()}
+    engine.close()
+    return losses, state
+
+
+def main() -> int:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29534"}.items():
+        os.environ.setdefault(k, v)
+    ctx = init_distributed("cuda", 600, require_group=True)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(B, 3, 32, 32, generator=g).cuda(), torch.randn(B, 3, 32, 32, generator=g).cuda())
+               for _ in range(STEPS)]
+    want_losses, want, init = oracle(batches, torch.float32)
+    _, exact, _ = oracle(batches, torch.float64)
+    params = {n for n, _ in build_moco(**TINY_VIT).named_parameters()}
+    noise = noise_only_elements(want, exact, init, params)
+    print(f"# gpu_equivalence: {torch.cuda.get_device_name()}, world 1, fp32 (TF32 off), tiny ViT, {STEPS} steps")
+    print("| config | max loss rel. diff | max param rel. diff | result |")
+    print("|---|---|---|---|")
+    failed = 0
+    for name in CONFIGS:
+        try:
+            losses, got = run_engine(name, batches, ctx)
+            loss_diff = max(abs(a - b) / abs(b) for a, b in zip(losses, want_losses, strict=True))
+            param_diff = max(rel_err(got[k].cpu(), want[k].cpu()) for k in params)
+            assert_losses_close(losses, want_losses)
+            assert_matches_oracle({k: v.cpu() for k, v in got.items()}, {k: v.cpu() for k, v in want.items()},
+                                  {k: v.cpu() for k, v in init.items()}, params,
+                                  {k: v.cpu() for k, v in noise.items()}, exact={k: v.cpu() for k, v in exact.items()})
+            print(f"| {name} | {loss_diff:.1e} | {param_diff:.1e} | ok |", flush=True)
+        except Exception as e:  # report every config, then fail
+            failed += 1
+            traceback.print_exc(file=sys.stderr)
+            print(f"| {name} | | | FAILED: {str(e).splitlines()[0][:80]} |", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

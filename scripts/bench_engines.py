@@ -110,7 +110,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
         engine.update_momentum(0.99)
         loss = engine.forward(x1, x2)
         engine.backward(loss)
-        if counted is None:
+        if i == 1:  # after one optimizer step, so the optimizer state exists
             counted = count_bytes(engine)
         engine.step(1e-4)
         if ctx.device.type == "cuda":
@@ -165,7 +165,8 @@ def main() -> None:
     p.add_argument("--num-heads", type=int, default=3)
     p.add_argument("--mlp-dim", type=int, default=1024)
     p.add_argument("-b", "--batch", type=int, default=64, help="global batch")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed steps first (at least 2: bytes are counted in the second)")
     p.add_argument("--steps", type=int, default=5)
     args = p.parse_args()
     if args.device == "cpu":

@@ -80,6 +80,15 @@ def test_shipped_config_matches_the_oracle(oracle, config, world, tmp_path):
 
 
 @pytest.mark.parametrize("config", ["fsdp", "zero3"])
+def test_sharded_engine_in_one_plain_process(oracle, config, tmp_path):
+    """No launcher: the engine makes its own group of one (DeepSpeed's environment checks included)."""
+    want_losses = oracle[0]
+    res = run_cli(["pretrain", *COMMON, "--engine-config", engine_config(config), "--output-dir", str(tmp_path)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_losses_close(read_run(tmp_path)[0], want_losses)
+
+
+@pytest.mark.parametrize("config", ["fsdp", "zero3"])
 def test_a_dying_rank_ends_the_sharded_job(config, tmp_path):
     """One rank meets a broken image in the first global batch while the other waits in a collective:
     the launcher ends the job with the message, long before --dist-timeout."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import gc
 import itertools
+import os
 from typing import Any
 
 import torch
@@ -116,6 +117,9 @@ class DeepSpeedEngine(Engine):
         trainable = [p for p in itertools.chain(model.base_encoder.parameters(), model.predictor.parameters())
                      if p.requires_grad]
         self.optimizer = build_optimizer(optimizer, trainable, weight_decay)
+        # a plain process (no launcher) has a group of one but none of the variables DeepSpeed checks for
+        for key, value in (("LOCAL_RANK", ctx.local_rank), ("RANK", ctx.rank), ("WORLD_SIZE", ctx.world_size)):
+            os.environ.setdefault(key, str(value))
         self.ds, self._ds_optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=self.optimizer, model_parameters=trainable, config=ds_cfg,
             dist_init_required=False)

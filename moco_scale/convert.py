@@ -1,0 +1,125 @@
+"""Checkpoint conversions: the reference layout, DeiT, timm and torchvision backbones.
+
+    moco-scale convert --to reference|deit|timm|torchvision INPUT OUTPUT
+
+INPUT is a checkpoint moco-scale writes or a reference-format file ({'epoch', 'arch',
+'state_dict' with module.base_encoder.* / module.momentum_encoder.* / module.predictor.* keys},
+the published pretrained files included). Every input is first checked against the model its
+'arch' (and moco-scale's size settings, when present) describes, so a file from another
+architecture is refused with the mismatched keys listed, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Any
+
+import torch
+
+from moco_scale.checkpoint import atomic_save, load_checkpoint
+from moco_scale.models import ARCHS, UnknownArchError, build_moco
+from moco_scale.models.resnet import RESNET_ARCHS
+from moco_scale.models.vit import VIT_ARCHS
+
+FORMATS = ("reference", "deit", "timm", "torchvision")
+
+
+class ConvertError(ValueError):
+    pass
+
+
+def model_settings(ckpt: dict[str, Any], path: str) -> dict[str, Any]:
+    """build_moco's arguments for a checkpoint: moco-scale's record, else the reference's 'arch'
+    with the published heads (256 / 4096) and the sizes read from the tensors."""
+    if "moco_scale" in ckpt:
+        return dict(ckpt["moco_scale"]["model"])
+    arch = ckpt.get("arch")
+    if arch not in ARCHS:
+        raise ConvertError(f"{path}: 'arch' is {arch!r}, not one of {', '.join(ARCHS)}")
+    sd = ckpt["state_dict"]
+    out_dim = sd["module.predictor.3.weight"].shape[0] if "module.predictor.3.weight" in sd else 256
+    hidden = sd["module.predictor.0.weight"].shape[0] if "module.predictor.0.weight" in sd else 4096
+    settings = {"arch": arch, "moco_dim": out_dim, "moco_mlp_dim": hidden}
+    proj, pos = sd.get("module.base_encoder.patch_embed.proj.weight"), sd.get("module.base_encoder.pos_embed")
+    if arch in VIT_ARCHS and not VIT_ARCHS[arch][4] and proj is not None and pos is not None:
+        # resolution is a user's choice; width, depth and heads are the architecture's
+        settings["patch_size"] = proj.shape[-1]
+        settings["img_size"] = math.isqrt(pos.shape[1] - 1) * proj.shape[-1]
+    return settings
+
+
+def checked_state_dict(ckpt: dict[str, Any], path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state dict without 'module.', verified key by key and shape by shape against its model."""
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ConvertError(f"{path} holds no 'state_dict': not a MoCo v3 pretraining checkpoint")
+    settings = model_settings(ckpt, path)
+    try:
+        want = build_moco(**settings).state_dict()
+    except (UnknownArchError, TypeError, ValueError) as e:
+        raise ConvertError(f"{path}: cannot rebuild its model ({e})") from e
+    got = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    shapes = sorted(k for k in set(want) & set(got) if want[k].shape != got[k].shape)
+    if missing or unexpected or shapes:
+        parts = [f"{name}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if keys]
+        raise ConvertError(f"{path} does not match {settings['arch']} ({'; '.join(parts)})")
+    return got, settings
+
+
+def backbone(state: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+    """The online encoder without its projector (ViT `head.*`, ResNet `fc.*`), keys as timm/torchvision name them."""
+    head = "head." if arch in VIT_ARCHS else "fc."
+    return {k.removeprefix("base_encoder."): v for k, v in state.items()
+            if k.startswith("base_encoder.") and not k.startswith(f"base_encoder.{head}")}
+
+
+def convert(src: str, dst: str, to: str) -> str:
+    """Write `dst` in format `to`; returns a line to print about what the user must know."""
+    if to not in FORMATS:
+        raise ConvertError(f"--to must be one of {', '.join(FORMATS)}, not {to!r}")
+    ckpt = load_checkpoint(src)
+    state, settings = checked_state_dict(ckpt, src)
+    arch = settings["arch"]
+    if to == "reference":
+        out = {"epoch": ckpt.get("epoch", 0), "arch": arch,
+               "state_dict": {f"module.{k}": v for k, v in state.items()}}
+        # the reference's readers ignore 'moco_scale'; it keeps a tiny or resized model rebuildable
+        out.update({k: ckpt[k] for k in ("optimizer", "scaler", "moco_scale") if ckpt.get(k) is not None})
+        atomic_save(out, dst)
+        return f"wrote {dst}: the reference trainer's layout ({len(state)} tensors)"
+    if to in ("deit", "timm") and arch not in VIT_ARCHS:
+        raise ConvertError(f"--to {to} needs a ViT checkpoint; {src} holds {arch} (use --to torchvision)")
+    if to == "torchvision" and arch not in RESNET_ARCHS:
+        raise ConvertError(f"--to torchvision needs a ResNet checkpoint; {src} holds {arch} (use --to deit or timm)")
+    weights = backbone(state, arch)
+    atomic_save({"model": weights} if to == "deit" else weights, dst)
+    if arch in VIT_ARCHS:
+        heads = settings.get("num_heads") or VIT_ARCHS[arch][2]
+        note = (f"; build the model with num_heads={heads}: qkv has the same shape for any head count, "
+                "so a model with another count loads it silently and computes something else")
+        if arch == "vit_small":
+            note += " (DeiT's and timm's vit_small default to 6 heads; MoCo v3's ViT-S has 12)"
+        return f"wrote {dst}: {to} backbone of {arch}, {len(weights)} tensors, no head{note}"
+    return f"wrote {dst}: torchvision {arch} backbone, {len(weights)} tensors, without fc (load with strict=False)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="moco-scale convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--to", required=True, choices=FORMATS)
+    p.add_argument("input")
+    p.add_argument("output")
+    args = p.parse_args(argv)
+    try:
+        print(convert(args.input, args.output, args.to))
+    except (ConvertError, FileNotFoundError, ValueError) as e:
+        print(f"moco-scale convert: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -26,6 +26,7 @@ from moco_scale.data import BUILTIN_IMAGE_SIZE, DataError, pretrain_dataset, pre
 from moco_scale.dist import DistContext, init_distributed, mean_across_ranks, shutdown, world_size_from_env
 from moco_scale.engines import build_engine, load_engine_config, needs_process_group
 from moco_scale.models import ARCHS, UnknownArchError, build_moco
+from moco_scale.models.vit import VIT_ARCHS
 from moco_scale.optim import OPTIMIZERS
 from moco_scale.telemetry import RunLogger, Throughput
 
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     own.add_argument("--embed-dim", type=int, default=None, help="ViT size override")
     own.add_argument("--depth", type=int, default=None, help="ViT size override")
     own.add_argument("--num-heads", type=int, default=None, help="ViT size override")
+    own.add_argument("--backbone-chunk", type=int, default=None, metavar="K",
+                     help="run the ViT backbone over chunks of K images with recomputation: memory follows K, "
+                     "the gradients do not change (default: the engine JSON's backbone_chunk, 0 = off)")
     own.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     own.add_argument("--dist-timeout", type=float, default=1800.0,
                      help="seconds a collective may wait before the job fails (a dead rank)")
@@ -99,6 +103,11 @@ def check_args(args: argparse.Namespace, world: int) -> None:
         raise ConfigError(f"--warmup-epochs {args.warmup_epochs} must be below --epochs {args.epochs}")
     if args.max_steps is not None and args.max_steps <= 0:
         raise ConfigError(f"--max-steps must be positive, got {args.max_steps}")
+    if args.backbone_chunk is not None and args.backbone_chunk < 0:
+        raise ConfigError(f"--backbone-chunk must be 0 (off) or positive, got {args.backbone_chunk}")
+    if args.backbone_chunk and (args.arch not in VIT_ARCHS or VIT_ARCHS[args.arch][4]):
+        raise ConfigError(f"--backbone-chunk needs a ViT: {args.arch} has BatchNorm in its backbone, whose "
+                          "statistics would be computed per chunk and change the result")
     if args.print_freq <= 0:
         raise ConfigError(f"--print-freq must be positive, got {args.print_freq}")
 
@@ -141,6 +150,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     world = world_size_from_env()
     check_args(args, world)
     engine_cfg = load_engine_config(args.engine_config, args.batch_size, world)
+    if args.backbone_chunk is not None:
+        engine_cfg["backbone_chunk"] = args.backbone_chunk
     if args.image_size is None:
         args.image_size = BUILTIN_IMAGE_SIZE if args.data is None else 224
     dataset = pretrain_dataset(args.data, args.image_size, args.crop_min, args.seed, args.skip_bad_data)

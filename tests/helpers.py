@@ -21,6 +21,9 @@ TINY_VIT = dict(arch="vit_tiny", img_size=32, patch_size=8, embed_dim=64, depth=
 TINY_RESNET = dict(arch="resnet_tiny", img_size=32, moco_dim=32, moco_mlp_dim=64, moco_t=1.0)
 TINY_VIT_FLAGS = ["-a", "vit_tiny", "--patch-size", "8", "--embed-dim", "64", "--depth", "2", "--num-heads", "4",
                   "--moco-dim", "32", "--moco-mlp-dim", "64", "--moco-t", "0.2"]
+#: a one-step tiny run on the built-in data, for tests about what happens around training
+COMMON_TINY_RUN = [*TINY_VIT_FLAGS, "-b", "16", "--max-steps", "1", "-j", "0", "--device", "cpu",
+                   "--optimizer", "adamw"]
 
 
 def free_port() -> int:

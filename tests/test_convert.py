@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from helpers import TINY_VIT, run_cli
+from helpers import COMMON_TINY_RUN, TINY_VIT, run_cli
 
 from moco_scale import build_moco
 from moco_scale.models import backbone_features
@@ -72,9 +72,7 @@ def test_timm_and_torchvision_backbones(tmp_path):
 
 
 def test_reference_round_trip_of_a_moco_scale_checkpoint(tmp_path):
-    res = run_cli(["pretrain", "-a", "vit_tiny", "--patch-size", "8", "--embed-dim", "64", "--depth", "2",
-                   "--num-heads", "4", "--moco-dim", "32", "--moco-mlp-dim", "64", "-b", "16", "--max-steps", "1",
-                   "-j", "0", "--device", "cpu", "--optimizer", "adamw", "--output-dir", str(tmp_path / "run")])
+    res = run_cli(["pretrain", *COMMON_TINY_RUN, "--output-dir", str(tmp_path / "run")])
     assert res.returncode == 0, res.stderr[-2000:]
     src = tmp_path / "run" / "checkpoint.pth.tar"
     assert convert("--to", "reference", str(src), str(tmp_path / "ref.pth.tar")).returncode == 0

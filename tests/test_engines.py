@@ -60,17 +60,30 @@ def oracle():
     return losses, state, init, params, noise_only_elements(state, state64, init, params), state64
 
 
+def check_against_oracle(run_dir, oracle) -> None:
+    want_losses, want_state, init, params, noise_only, exact = oracle
+    losses, state, _ = read_run(run_dir)
+    assert_losses_close(losses, want_losses)
+    assert_matches_oracle(state, want_state, init, params, noise_only, exact=exact)
+
+
+@pytest.mark.parametrize("config", ["ddp", "zero2"])
+def test_chunked_backbone_run_matches_the_oracle(oracle, config, tmp_path):
+    """--backbone-chunk 3 (16 crops per rank in chunks of 3): the global-batch equivalence still holds."""
+    res = run_cli([*COMMON, "--backbone-chunk", "3", "--engine-config", engine_config(config), "--output-dir",
+                   str(tmp_path)], launcher=launcher(config, 2))
+    assert res.returncode == 0, res.stderr[-3000:]
+    check_against_oracle(tmp_path, oracle)
+
+
 @pytest.mark.parametrize("world", [1, 2, 4])
 @pytest.mark.parametrize("config", CONFIGS)
 def test_shipped_config_matches_the_oracle(oracle, config, world, tmp_path):
     """The same command with only --engine-config changed; fp32 (what "auto" gives on CPU)."""
-    want_losses, want_state, init, params, noise_only, exact = oracle
     res = run_cli([*COMMON, "--engine-config", engine_config(config), "--output-dir", str(tmp_path)],
                   launcher=launcher(config, world))
     assert res.returncode == 0, res.stderr[-3000:]
-    losses, state, _ = read_run(tmp_path)
-    assert_losses_close(losses, want_losses)
-    assert_matches_oracle(state, want_state, init, params, noise_only, exact=exact)
+    check_against_oracle(tmp_path, oracle)
     resolved = json.loads((tmp_path / "config.json").read_text())
     assert resolved["resolved"]["world_size"] == world and resolved["resolved"]["precision"] == "fp32"
     if config.startswith("zero"):

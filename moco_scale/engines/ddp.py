@@ -26,7 +26,7 @@ class DDPEngine(Engine):
 
     name = "ddp"
     DEFAULTS = {"engine": "ddp", "precision": "auto", "bucket_cap_mb": 25.0, "find_unused_parameters": False,
-                "activation_checkpointing": 0}
+                "activation_checkpointing": 0, "backbone_chunk": 0}
     CHOICES = {"engine": ("ddp",), "precision": PRECISIONS}
 
     def __init__(self, model: MoCo, optimizer: str, weight_decay: float, config: dict[str, Any],
@@ -35,6 +35,7 @@ class DDPEngine(Engine):
         self.model = model.to(ctx.device)
         self.precision = resolve_precision(config["precision"], ctx.device)
         apply_activation_checkpointing(model, config["activation_checkpointing"])
+        model.set_backbone_chunk(config["backbone_chunk"])
         self.module: torch.nn.Module = model
         if ctx.is_distributed and ctx.world_size > 1:
             # BN statistics are synced, so buffers agree on every rank without a broadcast.

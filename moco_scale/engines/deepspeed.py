@@ -36,7 +36,7 @@ from moco_scale.models import MoCo
 from moco_scale.optim import build_optimizer
 
 #: moco-scale's own keys, in a "moco_scale" section that is removed before DeepSpeed reads the file
-MOCO_SCALE_DEFAULTS: dict[str, Any] = {"activation_checkpointing": 0}
+MOCO_SCALE_DEFAULTS: dict[str, Any] = {"activation_checkpointing": 0, "backbone_chunk": 0}
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
@@ -109,6 +109,11 @@ class DeepSpeedEngine(Engine):
                               f"({self.precision}) hands the optimizer flat partitions; use ZeRO stage 0 in fp32, "
                               "an FSDP config (ds_configs/fsdp.json), or --optimizer adamw")
         apply_activation_checkpointing(model, config["activation_checkpointing"])
+        if config["backbone_chunk"] and self.stage == 3:
+            raise ConfigError("backbone_chunk / --backbone-chunk is not available with ZeRO-3 yet (it gathers "
+                              "parameters per module by hooks, see models/chunking.py); use ZeRO stage 0-2 or "
+                              "ds_configs/ddp.json for chunking")
+        model.set_backbone_chunk(config["backbone_chunk"])
         model.to(ctx.device)
         # fp32 values of frozen base/predictor parameters (fixed position embedding, stop-grad conv1):
         # DeepSpeed keeps no fp32 master of them, and they never change

@@ -16,6 +16,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from moco_scale.config import ConfigError
 from moco_scale.dist import DistContext
 from moco_scale.engines.activation_checkpointing import apply_activation_checkpointing
 from moco_scale.engines.base import PRECISIONS, Engine, resolve_precision
@@ -38,7 +39,7 @@ class FSDPEngine(Engine):
 
     name = "fsdp"
     DEFAULTS = {"engine": "fsdp", "precision": "auto", "reshard_after_forward": True, "reduce_dtype": "fp32",
-                "activation_checkpointing": 0}
+                "activation_checkpointing": 0, "backbone_chunk": 0}
     CHOICES = {"engine": ("fsdp",), "precision": PRECISIONS, "reduce_dtype": ("fp32", "bf16", "fp16")}
     needs_process_group = True
 
@@ -50,6 +51,10 @@ class FSDPEngine(Engine):
             precision = "bf16" if ctx.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
         self.precision = resolve_precision(precision, ctx.device)
         apply_activation_checkpointing(model, config["activation_checkpointing"])
+        if config["backbone_chunk"]:
+            raise ConfigError("backbone_chunk / --backbone-chunk is not available with FSDP yet (it gathers "
+                              "parameters per block by hooks, see models/chunking.py); use ds_configs/ddp.json "
+                              "or zero0-2.json for chunking")
         self.model = model.to(ctx.device)
         mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
         policy = MixedPrecisionPolicy()

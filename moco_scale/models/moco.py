@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -10,6 +11,7 @@ from torch import nn
 
 from moco_scale.loss import symmetric_loss
 from moco_scale.models.batchnorm import has_batchnorm
+from moco_scale.models.chunking import chunked
 from moco_scale.models.resnet import resnet_features
 
 
@@ -48,6 +50,16 @@ class MoCo(nn.Module):
         self.predictor = predictor
         self.temperature = temperature
         self.batch_views = not has_batchnorm(_without_head(base_encoder))
+        self.backbone_chunk = 0
+
+    def set_backbone_chunk(self, chunk: int) -> None:
+        """Run the backbones in chunks of `chunk` images (0: off); see models/chunking.py."""
+        if chunk < 0:
+            raise ValueError(f"backbone chunk must be 0 (off) or a positive number of images, got {chunk}")
+        if chunk and not self.batch_views:
+            raise ValueError("--backbone-chunk needs a backbone without BatchNorm (a ViT): chunking a ResNet "
+                             "would compute its BN statistics per chunk and change the result")
+        self.backbone_chunk = chunk
 
     @torch.no_grad()
     def update_momentum(self, m: float) -> None:
@@ -55,9 +67,16 @@ class MoCo(nn.Module):
         torch._foreach_lerp_(list(self.momentum_encoder.parameters()), list(self.base_encoder.parameters()),
                              1.0 - m)
 
+    def _features(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if not self.backbone_chunk:
+            return backbone_features(encoder, x)
+        in_head = {id(p) for p in projector(encoder).parameters()}
+        params = [p for p in encoder.parameters() if p.requires_grad and id(p) not in in_head]
+        return chunked(partial(backbone_features, encoder), x, self.backbone_chunk, params)
+
     def encode(self, encoder: nn.Module, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.batch_views:
-            f1, f2 = backbone_features(encoder, torch.cat([x1, x2])).chunk(2)
+            f1, f2 = self._features(encoder, torch.cat([x1, x2])).chunk(2)
         else:
             f1, f2 = backbone_features(encoder, x1), backbone_features(encoder, x2)
         head = projector(encoder)

@@ -1,0 +1,109 @@
+"""Benchmark: peak memory and step time against the per-rank batch, backbone chunking off and on.
+
+    python scripts/bench_chunking.py                                  # ViT-S, 64 px, CPU, one process
+    python scripts/bench_chunking.py --device cuda --image-size 224 -a vit_base --batches 256 1024 4096
+
+Each setting runs in a fresh process (DDP engine, world 1, AdamW). Memory: on CUDA the peak
+allocated during the steps; on CPU the peak RSS during the steps minus the RSS before the first
+step (the activations and gradients a step adds on top of the model and optimizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def worker(args: argparse.Namespace, batch: int, chunk: int, out: str) -> None:
+    sys.path.insert(0, str(REPO))
+    from moco_scale import build_moco
+    from moco_scale.dist import DistContext
+    from moco_scale.engines import build_engine, load_engine_config
+
+    device = torch.device(args.device)
+    ctx = DistContext(0, 1, 0, 1, device)
+    cfg = {**load_engine_config(str(REPO / "ds_configs" / "ddp.json")), "precision": args.precision,
+           "backbone_chunk": chunk, "activation_checkpointing": args.activation_checkpointing}
+    torch.manual_seed(0)
+    model = build_moco(args.arch, img_size=args.image_size, moco_t=0.2)
+    engine = build_engine(model, "adamw", 0.1, cfg, ctx)
+    x1 = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
+    x2 = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
+    engine.train_step(x1, x2, 1e-4, 0.99)  # optimizer state exists from here on
+    before = _rss_mib()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    try:
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            engine.train_step(x1, x2, 1e-4, 0.99)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    except torch.OutOfMemoryError:
+        Path(out).write_text(json.dumps({"oom": True}))
+        return
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before) / 1024
+    Path(out).write_text(json.dumps({"step_s": statistics.median(times), "peak_gib": peak}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-a", "--arch", default="vit_small")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--batches", nargs="+", type=int, default=[32, 64, 128], help="images per rank")
+    p.add_argument("--chunks", nargs="+", type=int, default=[0, 32, 64], help="0: chunking off")
+    p.add_argument("--activation-checkpointing", type=int, default=0)
+    p.add_argument("--steps", type=int, default=3)
+    args = p.parse_args()
+    print(f"# bench_chunking: {args.arch} {args.image_size}px {args.precision} on {args.device}, DDP world 1, "
+          f"median of {args.steps} steps; an image is two crops, so a chunk of K crops covers K/2 images")
+    print("| images/rank | chunk K | step s | ms/image | step memory GiB |")
+    print("|---|---|---|---|---|")
+    ctx = mp.get_context("spawn")
+    for batch in args.batches:
+        for chunk in args.chunks:
+            if chunk >= 2 * batch:
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                out = os.path.join(tmp, "r.json")
+                proc = ctx.Process(target=worker, args=(args, batch, chunk, out))
+                proc.start()
+                proc.join()
+                if proc.exitcode != 0 or not os.path.exists(out):
+                    print(f"| {batch} | {chunk or 'off'} | failed (exit {proc.exitcode}) | | |", flush=True)
+                    continue
+                r = json.loads(Path(out).read_text())
+            if r.get("oom"):
+                print(f"| {batch} | {chunk or 'off'} | OOM | | |", flush=True)
+                continue
+            print(f"| {batch} | {chunk or 'off'} | {r['step_s']:.3f} | {1000 * r['step_s'] / batch:.1f} "
+                  f"| {r['peak_gib']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

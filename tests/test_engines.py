@@ -214,6 +214,8 @@ def test_deepspeed_batch_fields_must_agree_with_the_launch(tmp_path):
     ({"gradient_accumulation_steps": 4}, "'gradient_accumulation_steps' must be 1"),
     ({"zero_optimization": {"stage": 5}}, "'zero_optimization.stage' must be 0, 1, 2 or 3"),
     ({"moco_scale": {"activation_checkpoint": 1}}, "section 'moco_scale': unknown key(s) activation_checkpoint"),
+    ({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100000}},
+     "'zero_optimization.stage3_param_persistence_threshold' must be 0"),
 ])
 def test_bad_deepspeed_config_names_file_and_key(tmp_path, change, message):
     cfg = {**json.loads((REPO / "ds_configs" / "zero3.json").read_text()), **change}

@@ -54,6 +54,14 @@ def resolve_deepspeed_config(raw: dict[str, Any], source: str, global_batch: int
     stage = zero.get("stage", 0) if isinstance(zero, dict) else None
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"engine config {source}: key 'zero_optimization.stage' must be 0, 1, 2 or 3, got {stage!r}")
+    if stage == 3:
+        # the momentum encoder is updated in its partitions; a parameter DeepSpeed keeps whole ("persisted",
+        # its default below 1e5 elements) would never see the update in its forward
+        persist = zero.setdefault("stage3_param_persistence_threshold", 0)
+        if persist != 0:
+            raise ConfigError(f"engine config {source}: key 'zero_optimization.stage3_param_persistence_threshold' "
+                              f"must be 0 (got {persist}): moco-scale updates the momentum encoder in its ZeRO-3 "
+                              "partitions, and a persisted parameter would not see the update")
     gas = cfg.get("gradient_accumulation_steps", "auto")
     if gas not in ("auto", 1):
         raise ConfigError(f"engine config {source}: key 'gradient_accumulation_steps' must be 1 or \"auto\", got "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import torch
@@ -43,8 +42,7 @@ class DDPEngine(Engine):
                 model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                 broadcast_buffers=False, bucket_cap_mb=config["bucket_cap_mb"],
                 find_unused_parameters=config["find_unused_parameters"])
-        params = itertools.chain(model.base_encoder.parameters(), model.predictor.parameters())
-        self.optimizer = build_optimizer(optimizer, params, weight_decay)
+        self.optimizer = build_optimizer(optimizer, model.trainable_parameters(), weight_decay)
         self.scaler = torch.amp.GradScaler(ctx.device.type, init_scale=2.0**16, growth_interval=2000,
                                            enabled=self.precision == "fp16")
 

@@ -127,8 +127,7 @@ class DeepSpeedEngine(Engine):
         # DeepSpeed keeps no fp32 master of them, and they never change
         self._frozen = {n: p.detach().clone() for n, p in model.named_parameters()
                         if not p.requires_grad and not n.startswith("momentum_encoder.")}
-        trainable = [p for p in itertools.chain(model.base_encoder.parameters(), model.predictor.parameters())
-                     if p.requires_grad]
+        trainable = model.trainable_parameters()
         self.optimizer = build_optimizer(optimizer, trainable, weight_decay)
         # a plain process (no launcher) has a group of one but none of the variables DeepSpeed checks for
         for key, value in (("LOCAL_RANK", ctx.local_rank), ("RANK", ctx.rank), ("WORLD_SIZE", ctx.world_size)):

@@ -70,8 +70,7 @@ class FSDPEngine(Engine):
         fully_shard(model, **shard)
         self._pairs = [(m, b) for m, b in zip(model.momentum_encoder.parameters(), model.base_encoder.parameters(),
                                                strict=True) if b.requires_grad]
-        trainable = [p for p in (*model.base_encoder.parameters(), *model.predictor.parameters())]
-        self.optimizer = build_optimizer(optimizer, trainable, weight_decay)
+        self.optimizer = build_optimizer(optimizer, model.trainable_parameters(), weight_decay)
         self.scaler = None
         if self.precision == "fp16":
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler

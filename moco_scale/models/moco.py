@@ -61,6 +61,10 @@ class MoCo(nn.Module):
                              "would compute its BN statistics per chunk and change the result")
         self.backbone_chunk = chunk
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer updates: base encoder and predictor, without frozen parameters."""
+        return [p for p in (*self.base_encoder.parameters(), *self.predictor.parameters()) if p.requires_grad]
+
     @torch.no_grad()
     def update_momentum(self, m: float) -> None:
         """theta_m <- m theta_m + (1 - m) theta_b over parameters (not BN buffers), no predictor."""

@@ -5,6 +5,7 @@ activation checkpointing; config errors."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +39,10 @@ ITERS = 1437 // B  # steps per epoch on the built-in dataset
 COMMON = [*TINY_VIT_FLAGS, "-b", str(B), "--epochs", str(EPOCHS), "--warmup-epochs", str(WARMUP), "--lr", str(LR),
           "--wd", str(WD), "--optimizer", "adamw", "--moco-m-cos", "--crop-min", "0.2", "-j", "0", "-p", "1",
           "--max-steps", str(STEPS), "--device", "cpu"]
+
+
+def shm_segments() -> set[Path]:
+    return set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
 
 
 def launcher(config: str, world: int) -> list[str]:
@@ -80,6 +85,7 @@ def test_chunked_backbone_run_matches_the_oracle(oracle, config, tmp_path):
 @pytest.mark.parametrize("config", CONFIGS)
 def test_shipped_config_matches_the_oracle(oracle, config, world, tmp_path):
     """The same command with only --engine-config changed; fp32 (what "auto" gives on CPU)."""
+    segments_before = shm_segments()
     res = run_cli([*COMMON, "--engine-config", engine_config(config), "--output-dir", str(tmp_path)],
                   launcher=launcher(config, world))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -90,6 +96,8 @@ def test_shipped_config_matches_the_oracle(oracle, config, world, tmp_path):
         ds = resolved["engine"]["deepspeed"]
         assert ds["train_batch_size"] == B and ds["train_micro_batch_size_per_gpu"] == B // world
         assert ds["gradient_clipping"] == 0.0
+        # DeepSpeed's CPU all-reduce leaves a 66 MB /dev/shm segment per rank behind; enough launches fill RAM
+        assert shm_segments() <= segments_before, "DeepSpeed shared-memory segments left in /dev/shm"
 
 
 @pytest.mark.parametrize("config", ["fsdp", "zero3"])

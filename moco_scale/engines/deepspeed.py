@@ -22,6 +22,7 @@ import copy
 import gc
 import itertools
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -97,6 +98,21 @@ def _resolve_precision(cfg: dict[str, Any], device: torch.device) -> str:
     return "bf16" if bf16 else "fp16" if fp16 else "fp32"
 
 
+def _unlink_shm_allreduce_buffer(rank: int) -> None:
+    """Remove the name of DeepSpeed's CPU shared-memory all-reduce segment once every rank has mapped it.
+
+    Under the ``deepspeed`` launcher on the CPU accelerator each rank creates a 66 MB
+    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` that DeepSpeed never unlinks, so every
+    launch leaks it until /dev/shm (RAM) is full. ``deepspeed.initialize`` returns only after each rank has
+    opened all peers' segments; after a barrier the names can go while the mappings stay valid to exit.
+    """
+    path = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                               f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    if dist.is_initialized():
+        dist.barrier()  # on every rank, so a missing file on one rank cannot leave the others waiting
+    path.unlink(missing_ok=True)
+
+
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
     DEFAULTS = {"engine": "deepspeed", "zero_stage": 0, **MOCO_SCALE_DEFAULTS, "deepspeed": {}}
@@ -135,6 +151,7 @@ class DeepSpeedEngine(Engine):
         self.ds, self._ds_optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=self.optimizer, model_parameters=trainable, config=ds_cfg,
             dist_init_required=False)
+        _unlink_shm_allreduce_buffer(ctx.rank)
         self.model = model
         for bn in (m for m in model.modules() if isinstance(m, _BatchNorm)):  # statistics stay fp32
             for name in ("running_mean", "running_var"):

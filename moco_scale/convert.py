@@ -2,7 +2,8 @@
 
     moco-scale convert --to reference|deit|timm|torchvision INPUT OUTPUT
 
-INPUT is a checkpoint moco-scale writes or a reference-format file ({'epoch', 'arch',
+INPUT is a checkpoint moco-scale writes (a resumable folder DIR/checkpoints/step_N of any engine,
+or DIR/checkpoint.pth.tar) or a reference-format file ({'epoch', 'arch',
 'state_dict' with module.base_encoder.* / module.momentum_encoder.* / module.predictor.* keys},
 the published pretrained files included). Every input is first checked against the model its
 'arch' (and moco-scale's size settings, when present) describes, so a file from another
@@ -13,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from moco_scale.checkpoint import atomic_save, load_checkpoint
+from moco_scale.checkpoint import atomic_save, consolidate, load_checkpoint
 from moco_scale.models import ARCHS, UnknownArchError, build_moco
 from moco_scale.models.resnet import RESNET_ARCHS
 from moco_scale.models.vit import VIT_ARCHS
@@ -60,13 +63,19 @@ def checked_state_dict(ckpt: dict[str, Any], path: str) -> tuple[dict[str, torch
     except (UnknownArchError, TypeError, ValueError) as e:
         raise ConvertError(f"{path}: cannot rebuild its model ({e})") from e
     got = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
+    mismatch = describe_mismatch(want, got)
+    if mismatch:
+        raise ConvertError(f"{path} does not match {settings['arch']} ({mismatch})")
+    return got, settings
+
+
+def describe_mismatch(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> str:
+    """Missing, unexpected and wrong-shape keys of `got` against `want`; empty when they match."""
     missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     shapes = sorted(k for k in set(want) & set(got) if want[k].shape != got[k].shape)
-    if missing or unexpected or shapes:
-        parts = [f"{name}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if keys]
-        raise ConvertError(f"{path} does not match {settings['arch']} ({'; '.join(parts)})")
-    return got, settings
+    return "; ".join(f"{name}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+                     for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes))
+                     if keys)
 
 
 def backbone(state: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
@@ -80,7 +89,7 @@ def convert(src: str, dst: str, to: str) -> str:
     """Write `dst` in format `to`; returns a line to print about what the user must know."""
     if to not in FORMATS:
         raise ConvertError(f"--to must be one of {', '.join(FORMATS)}, not {to!r}")
-    ckpt = load_checkpoint(src)
+    ckpt = consolidate(Path(src)) if os.path.isdir(src) else load_checkpoint(src)
     state, settings = checked_state_dict(ckpt, src)
     arch = settings["arch"]
     if to == "reference":

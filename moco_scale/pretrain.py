@@ -15,13 +15,23 @@ import platform
 import shutil
 import sys
 import time
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from moco_scale import schedules
-from moco_scale.checkpoint import atomic_save, reference_checkpoint
+from moco_scale.checkpoint import (
+    CheckpointManager,
+    atomic_save,
+    find_latest,
+    load_checkpoint,
+    reference_checkpoint,
+    verify,
+)
 from moco_scale.config import ConfigError
+from moco_scale.convert import describe_mismatch
 from moco_scale.data import BUILTIN_IMAGE_SIZE, DataError, pretrain_dataset, pretrain_loader
 from moco_scale.dist import DistContext, init_distributed, mean_across_ranks, shutdown, world_size_from_env
 from moco_scale.engines import build_engine, load_engine_config, needs_process_group
@@ -67,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     own.add_argument("--overwrite", action="store_true", help="replace a finished run in --output-dir")
     own.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (schedules "
                      "still span --epochs)")
+    own.add_argument("--resume", default=None, metavar="auto|PATH",
+                     help="continue a run: 'auto' = the newest complete checkpoint in --output-dir (or a fresh "
+                     "start when there is none); PATH = a checkpoint folder, a run folder, or a reference-format "
+                     "file (.pth.tar, published pretrained files included)")
+    own.add_argument("--save-every", type=int, default=0, metavar="N",
+                     help="also save a resumable checkpoint every N steps (always: at each epoch end)")
+    own.add_argument("--keep-last", type=int, default=2, metavar="K", help="resumable checkpoints to keep")
     own.add_argument("--image-size", type=int, default=None,
                      help=f"crop size (default 224; {BUILTIN_IMAGE_SIZE} for the built-in dataset)")
     own.add_argument("--patch-size", type=int, default=None, help="ViT size override")
@@ -108,12 +125,15 @@ def check_args(args: argparse.Namespace, world: int) -> None:
     if args.backbone_chunk and (args.arch not in VIT_ARCHS or VIT_ARCHS[args.arch][4]):
         raise ConfigError(f"--backbone-chunk needs a ViT: {args.arch} has BatchNorm in its backbone, whose "
                           "statistics would be computed per chunk and change the result")
+    if args.save_every < 0 or args.keep_last < 1:
+        raise ConfigError(f"--save-every must be >= 0 and --keep-last >= 1, got {args.save_every} and "
+                          f"{args.keep_last}")
     if args.print_freq <= 0:
         raise ConfigError(f"--print-freq must be positive, got {args.print_freq}")
 
 
-def prepare_output_dir(path: str, overwrite: bool) -> None:
-    if os.path.exists(os.path.join(path, "config.json")):
+def prepare_output_dir(path: str, overwrite: bool, resuming: bool) -> None:
+    if os.path.exists(os.path.join(path, "config.json")) and not resuming:
         if not overwrite:
             raise ConfigError(f"--output-dir {path} already holds a run (config.json); choose another "
                               "folder or pass --overwrite")
@@ -135,6 +155,89 @@ def resolved_config(args: argparse.Namespace, engine_cfg: dict, ctx: DistContext
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "command": sys.argv,
     }
+
+
+def find_resume(args: argparse.Namespace, is_main: bool) -> tuple[str, Path, Any] | None:
+    """What --resume names: ("folder", path, its meta.json) or ("reference", path, the loaded file)."""
+    if args.resume is None:
+        return None
+    if args.resume == "auto":
+        with warnings.catch_warnings():
+            warnings.simplefilter("default" if is_main else "ignore")
+            folder = find_latest(Path(args.output_dir))
+        if folder is None:
+            if is_main:
+                print(f"moco-scale: --resume auto: no complete checkpoint in {args.output_dir}/checkpoints, "
+                      "starting from scratch", file=sys.stderr)
+            return None
+        return "folder", folder, verify(folder)
+    path = Path(args.resume)
+    if path.is_file():
+        return "reference", path, load_checkpoint(str(path))
+    if not path.is_dir():
+        raise ConfigError(f"--resume {path} does not exist")
+    if not (path / "meta.json").exists():
+        with warnings.catch_warnings():
+            warnings.simplefilter("default" if is_main else "ignore")
+            folder = find_latest(path)
+        if folder is None:
+            raise ConfigError(f"--resume {path}: no complete checkpoint folder (step_*/meta.json) in it")
+        path = folder
+    return "folder", path, verify(path)
+
+
+def check_resumable(meta: dict[str, Any], source: Path, args: argparse.Namespace, engine_cfg: dict[str, Any],
+                    dataset_size: int) -> None:
+    """A checkpoint folder continues this run only with the same model, batch, data and engine layout."""
+    mine = model_kwargs(args)
+    diff = [f"{k} {meta['model'].get(k)!r} there, {v!r} here" for k, v in mine.items() if meta["model"].get(k) != v]
+    if diff:
+        raise ConfigError(f"--resume {source} is from another model: {'; '.join(diff)}")
+    if meta["global_batch"] != args.batch_size:
+        raise ConfigError(f"--resume {source} was trained with -b {meta['global_batch']}, this run has -b "
+                          f"{args.batch_size}: the schedules and data order would not continue")
+    if meta["dataset_size"] != dataset_size:
+        raise ConfigError(f"--resume {source} saw {meta['dataset_size']} training images, this data has "
+                          f"{dataset_size}")
+    theirs, ours = meta["engine"], checkpoint_layout(engine_cfg)
+    if theirs != ours:
+        raise ConfigError(f"--resume {source} was written by {theirs} and this run uses {ours}: their layouts "
+                          f"differ. Consolidate it (moco-scale convert --to reference {source} full.pth.tar) and "
+                          "--resume full.pth.tar, or resume with the same --engine-config")
+
+
+def load_reference_weights(model: torch.nn.Module, path: Path, ckpt: Any, arch: str) -> None:
+    """A reference-format file (published pretrained files included) into the fresh model, before wrapping."""
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ConfigError(f"--resume {path} holds no 'state_dict': not a MoCo v3 pretraining checkpoint")
+    if ckpt.get("arch", arch) != arch:
+        raise ConfigError(f"--resume {path} holds {ckpt['arch']}, this run is -a {arch}")
+    state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
+    mismatch = describe_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise ConfigError(f"--resume {path} does not fit this run's {arch} ({mismatch}); pass the size flags it "
+                          "was trained with")
+    model.load_state_dict(state)
+
+
+def load_reference_optimizer(engine: Any, path: Path, ckpt: Any, is_main: bool) -> None:
+    """The reference's optimizer state (a torch state_dict over base encoder + predictor) where it fits."""
+    opt = ckpt.get("optimizer")
+    fits = (engine.name == "ddp" and isinstance(opt, dict) and "param_groups" in opt
+            and sum(len(g["params"]) for g in opt["param_groups"]) == len(engine.model.trainable_parameters()))
+    if fits:
+        engine.optimizer.load_state_dict(opt)
+        if ckpt.get("scaler"):
+            engine.scaler.load_state_dict(ckpt["scaler"])
+    elif is_main:
+        why = "it holds none" if not opt else f"a {engine.name} engine cannot take a single-file optimizer state"
+        print(f"moco-scale: warning: --resume {path}: the optimizer starts fresh ({why}); weights and "
+              "epoch are restored", file=sys.stderr)
+
+
+def checkpoint_layout(cfg: dict[str, Any]) -> str:
+    """Engines that read each other's resumable checkpoints share a layout (DCP does not care how FSDP shards)."""
+    return f"deepspeed ZeRO-{cfg['zero_stage']}" if cfg["engine"] == "deepspeed" else cfg["engine"]
 
 
 def engine_label(cfg: dict[str, Any]) -> str:
@@ -159,9 +262,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"global batch -b {args.batch_size} is larger than the dataset "
                           f"({len(dataset)} images in {args.data or 'the built-in dataset'})")
 
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    resume = find_resume(args, is_main)  # every file is checked before any rank talks to another
+    if resume is not None and resume[0] == "folder":
+        check_resumable(resume[2], resume[1], args, engine_cfg, len(dataset))
+
     ctx = init_distributed(args.device, args.dist_timeout, require_group=needs_process_group(engine_cfg))
     torch.manual_seed(args.seed)
     model = build_moco(**model_kwargs(args))
+    if resume is not None and resume[0] == "reference":
+        load_reference_weights(model, resume[1], resume[2], args.arch)
     engine = build_engine(model, args.optimizer, args.weight_decay, engine_cfg, ctx)
     workers = max(0, math.ceil(args.workers / ctx.world_size))
     loader = pretrain_loader(dataset, args.batch_size, ctx.world_size, ctx.rank, args.seed, workers,
@@ -169,24 +279,48 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     iters = len(loader)
     total_steps = iters * args.epochs if args.max_steps is None else min(args.max_steps, iters * args.epochs)
     if ctx.is_main:
-        prepare_output_dir(args.output_dir, args.overwrite)
+        prepare_output_dir(args.output_dir, args.overwrite, resuming=resume is not None)
         config = resolved_config(args, engine_cfg, ctx, engine.precision, iters, total_steps, workers)
+        config["resolved"]["resumed_from"] = None if resume is None else str(resume[1])
         with open(os.path.join(args.output_dir, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
     if ctx.is_distributed:
         torch.distributed.barrier()  # the folder exists before any rank writes into it
 
+    manager = CheckpointManager(args.output_dir, ctx, args.keep_last)
+    start_epoch, start_iter, step = 0, 0, 0
+    if resume is not None and resume[0] == "folder":
+        meta = manager.load(engine, resume[1])
+        start_epoch, start_iter, step = meta["epoch"], meta["iter"], meta["step"]
+
+    def position(epoch: int, next_iter: int) -> dict[str, Any]:
+        if next_iter == iters:
+            epoch, next_iter = epoch + 1, 0
+        return {"step": step, "epoch": epoch, "iter": next_iter, "iters_per_epoch": iters,
+                "global_batch": args.batch_size, "dataset_size": len(dataset), "model": model_kwargs(args),
+                "engine": checkpoint_layout(engine_cfg), "precision": engine.precision, "seed": args.seed}
+
+    if resume is not None and resume[0] == "reference":
+        start_epoch = int(resume[2].get("epoch", 0))
+        step = start_epoch * iters
+        load_reference_optimizer(engine, resume[1], resume[2], is_main=ctx.is_main)
+        manager.save(engine, position(start_epoch, 0))  # the imported state, resumable without the file
+
     base_lr = schedules.scaled_lr(args.lr, args.batch_size)
-    logger = RunLogger(args.output_dir, ctx.is_main, total_steps)
+    logger = RunLogger(args.output_dir, ctx.is_main, total_steps, initial_step=step)
     logger.message(f"moco-scale: {args.arch}, world {ctx.world_size} on {ctx.device}, global batch "
                    f"{args.batch_size}, {iters} steps/epoch, {total_steps} steps, engine {engine_label(engine_cfg)} "
                    f"({engine.precision}), output {args.output_dir}")
-    meter, step, last_loss, started = Throughput(), 0, float("nan"), time.time()
+    if resume is not None:
+        logger.message(f"resumed from {resume[1]} at step {step} (epoch {start_epoch}, batch {start_iter})")
+    meter, last_loss, started = Throughput(), float("nan"), time.time()
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth.tar")
-    for epoch in range(args.epochs):
-        loader.batch_sampler.set_epoch(epoch)
+    for epoch in range(start_epoch, args.epochs):
+        if step >= total_steps:
+            break
+        loader.batch_sampler.set_epoch(epoch, start_iter if epoch == start_epoch else 0)
         fetch_start = time.perf_counter()
-        for i, (x1, x2) in enumerate(loader):
+        for i, (x1, x2) in enumerate(loader, start=loader.batch_sampler.start):
             data_wait = time.perf_counter() - fetch_start
             ep = epoch + i / iters
             lr = schedules.learning_rate(ep, base_lr, args.epochs, args.warmup_epochs)
@@ -202,7 +336,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 logger.log({"step": step, "epoch": ep, "loss": last_loss, "lr": lr, "moco_m": m, **meter.read()})
             if step == total_steps:
                 break
+            if args.save_every and step % args.save_every == 0 and i + 1 < iters:
+                manager.save(engine, position(epoch, i + 1))
             fetch_start = time.perf_counter()
+        manager.save(engine, position(epoch, i + 1))
         state = reference_checkpoint(engine, epoch + 1, args.arch, model_kwargs(args), step)
         if ctx.is_main:
             atomic_save(state, ckpt_path)

@@ -27,10 +27,11 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
         self.num_samples, self.global_batch = num_samples, global_batch
         self.local_batch = global_batch // world_size
         self.rank, self.seed, self.shuffle = rank, seed, shuffle
-        self.epoch = 0
+        self.epoch = self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Batches of `epoch`, beginning at its `start`-th (a resume mid-epoch); len() stays the epoch's."""
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
         return self.num_samples // self.global_batch
@@ -41,6 +42,6 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
             order = torch.randperm(self.num_samples, generator=g)
         else:
             order = torch.arange(self.num_samples)
-        for i in range(len(self)):
+        for i in range(self.start, len(self)):
             start = i * self.global_batch + self.rank * self.local_batch
             yield [(self.epoch, int(j)) for j in order[start:start + self.local_batch]]

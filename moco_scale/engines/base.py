@@ -75,6 +75,16 @@ class Engine(ABC):
     def optimizer_state_dict(self) -> dict[str, Any]:
         """Optimizer and loss-scaler state, for checkpoints."""
 
+    @abstractmethod
+    def save(self, path: str) -> None:
+        """Write the training state (model with fp32 momentum encoder, optimizer, loss scaler) into the
+        existing folder `path`, in the engine's own layout. A collective: every rank writes its part."""
+
+    @abstractmethod
+    def load(self, path: str, saved_world_size: int) -> None:
+        """Restore what `save` wrote, from a run at `saved_world_size` ranks; raises a ConfigError naming
+        the way out where this engine cannot change the world size. A collective."""
+
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr

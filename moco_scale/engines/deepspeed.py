@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from moco_scale.checkpoint import load_checkpoint
 from moco_scale.config import ConfigError, validate
 from moco_scale.dist import DistContext
 from moco_scale.engines.activation_checkpointing import apply_activation_checkpointing
@@ -38,6 +39,7 @@ from moco_scale.optim import build_optimizer
 
 #: moco-scale's own keys, in a "moco_scale" section that is removed before DeepSpeed reads the file
 MOCO_SCALE_DEFAULTS: dict[str, Any] = {"activation_checkpointing": 0, "backbone_chunk": 0}
+_DS_TAG = "deepspeed"  # the subfolder DeepSpeed writes its checkpoint into
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
@@ -144,6 +146,10 @@ class DeepSpeedEngine(Engine):
         self._frozen = {n: p.detach().clone() for n, p in model.named_parameters()
                         if not p.requires_grad and not n.startswith("momentum_encoder.")}
         trainable = model.trainable_parameters()
+        # the momentum encoder's own fp32 values (equal to the base at a fresh start, not on a resume from a
+        # reference file): taken before DeepSpeed casts or partitions the module
+        momentum_init = [m.detach().float().cpu().clone() for m, b in zip(
+            model.momentum_encoder.parameters(), model.base_encoder.parameters(), strict=True) if b.requires_grad]
         self.optimizer = build_optimizer(optimizer, trainable, weight_decay)
         # a plain process (no launcher) has a group of one but none of the variables DeepSpeed checks for
         for key, value in (("LOCAL_RANK", ctx.local_rank), ("RANK", ctx.rank), ("WORLD_SIZE", ctx.world_size)):
@@ -161,7 +167,11 @@ class DeepSpeedEngine(Engine):
         self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self._pairs = [(m, b) for m, b in zip(model.momentum_encoder.parameters(), model.base_encoder.parameters(),
                                                strict=True) if b.requires_grad]
+        self._momentum_names = [name for (name, _), b in zip(model.momentum_encoder.named_parameters(),
+                                                             model.base_encoder.parameters(), strict=True)
+                                if b.requires_grad]
         self._init_momentum_state()
+        self._set_momentum(momentum_init)
 
     # -- momentum encoder -------------------------------------------------------------------------
     def _init_momentum_state(self) -> None:
@@ -298,6 +308,52 @@ class DeepSpeedEngine(Engine):
         # DeepSpeed's optimizer state is partitioned; it is saved in DeepSpeed's own sharded
         # checkpoint format, not in the reference's single file
         return {"optimizer": None, "scaler": None}
+
+    def save(self, path: str) -> None:
+        """DeepSpeed's own sharded format under path/deepspeed, plus the fp32 momentum encoder in momentum.pt:
+        DeepSpeed keeps no fp32 copy of it (in 16-bit modes its module weights are rounded)."""
+        self.ds.save_checkpoint(path, tag=_DS_TAG, save_latest=False)
+        momentum = [t.detach().to("cpu", copy=True) for t in self._full_momentum()]  # a collective
+        if self.ctx.is_main:
+            torch.save({"names": self._momentum_names, "tensors": momentum}, os.path.join(path, "momentum.pt"))
+
+    def load(self, path: str, saved_world_size: int) -> None:
+        if saved_world_size != self.ctx.world_size:
+            raise ConfigError(
+                f"checkpoint {path} was written by {saved_world_size} DeepSpeed ranks and this run has "
+                f"{self.ctx.world_size}: DeepSpeed's partitions only load at the same world size. Consolidate it "
+                f"(moco-scale convert --to reference {path} full.pth.tar) and --resume full.pth.tar (the optimizer "
+                "state starts fresh), or resume with the same number of ranks")
+        loaded, _ = self.ds.load_checkpoint(path, tag=_DS_TAG, load_optimizer_states=True,
+                                            load_lr_scheduler_states=False)
+        if loaded is None:
+            raise ValueError(f"checkpoint {path}: DeepSpeed found no state under {os.path.join(path, _DS_TAG)}")
+        saved = load_checkpoint(os.path.join(path, "momentum.pt"))
+        if saved["names"] != self._momentum_names:
+            raise ValueError(f"checkpoint {path}/momentum.pt holds another model's momentum encoder")
+        self._set_momentum(saved["tensors"])
+
+    @torch.no_grad()
+    def _set_momentum(self, full: list[torch.Tensor]) -> None:
+        """Place whole fp32 momentum parameters into this rank's layout (the inverse of _full_momentum)."""
+        for i, ((p, b), t) in enumerate(zip(self._pairs, full, strict=True)):
+            flat = t.reshape(-1).to(self.ctx.device, torch.float32)
+            if self._mode == "partition":
+                state = self._m32[i]
+                start, n = self.ctx.rank * state.numel(), state.numel()
+                part = torch.zeros(n, dtype=torch.float32, device=flat.device)
+                avail = max(0, min(n, flat.numel() - start))
+                part[:avail] = flat[start:start + avail]
+                state.reshape(-1).copy_(part)
+                if p.ds_tensor is not state:
+                    p.ds_tensor.reshape(-1).copy_(part)
+                continue
+            p.copy_(flat.view_as(p))
+            if self._mode == "master_copy":
+                self._m32[i].copy_(flat.view_as(self._m32[i]))
+            elif self._mode == "fragments" and self._m32[i] is not None:
+                addr = b._hp_mapping.lp_fragment_address
+                self._m32[i].reshape(-1).copy_(flat.narrow(0, addr.start, addr.numel))
 
     def close(self) -> None:
         """Measured on gloo: without this, ZeRO-2/3 ranks abort at interpreter exit in about a quarter of runs."""

@@ -9,6 +9,7 @@ no communication, as in DINOv2's teacher.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from moco_scale.checkpoint import load_checkpoint
 from moco_scale.config import ConfigError
 from moco_scale.dist import DistContext
 from moco_scale.engines.activation_checkpointing import apply_activation_checkpointing
@@ -107,3 +109,26 @@ class FSDPEngine(Engine):
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return {"optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=opts),
                 "scaler": None if self.scaler is None else self.scaler.state_dict()}
+
+    def save(self, path: str) -> None:
+        """torch.distributed.checkpoint: each rank writes its shards; a later load reshards to any world size."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=path)
+        if self.scaler is not None and self.ctx.is_main:
+            torch.save(self.scaler.state_dict(), os.path.join(path, "scaler.pt"))
+
+    def load(self, path: str, saved_world_size: int) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+        scaler_file = os.path.join(path, "scaler.pt")
+        if self.scaler is not None and os.path.exists(scaler_file):
+            self.scaler.load_state_dict(load_checkpoint(scaler_file))

@@ -1,0 +1,194 @@
+"""Resumable checkpoints under real launchers: exact mid-epoch resume per engine, FSDP resharding to
+other world sizes, DeepSpeed across world sizes through the consolidated reference file, damaged
+and half-written checkpoints, and refusals that name the way out."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import (
+    TINY_VIT,
+    TINY_VIT_FLAGS,
+    assert_states_close,
+    deepspeed_launcher,
+    engine_config,
+    read_run,
+    run_cli,
+    spawn,
+    torchrun,
+)
+
+from moco_scale import build_moco
+from moco_scale.checkpoint import consolidate
+from moco_scale.engines import build_engine, load_engine_config
+
+B, ITERS = 16, 1437 // 16
+COMMON = [*TINY_VIT_FLAGS, "-b", str(B), "--epochs", "2", "--warmup-epochs", "1", "--lr", "1.0", "--wd", "0.1",
+          "--optimizer", "adamw", "--moco-m-cos", "--crop-min", "0.2", "-j", "0", "-p", "1", "--device", "cpu"]
+LAUNCH = {"ddp": lambda w: torchrun(w), "fsdp": lambda w: torchrun(w), "zero3": lambda w: deepspeed_launcher(w)}
+
+
+def pretrain(config: str, world: int, out: Path, *extra: str) -> str:
+    res = run_cli([*COMMON, "--engine-config", engine_config(config), "--output-dir", str(out), *extra],
+                  launcher=LAUNCH[config](world))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout + res.stderr
+
+
+def plain(out: Path, *extra: str):
+    """One plain process with the default (DDP) engine; returns the completed process."""
+    return run_cli(["pretrain", *COMMON, "--output-dir", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Per engine (world 2): 6 steps straight, and 3 steps, stop (mid-epoch), resume auto to 6."""
+    made: dict[str, tuple[Path, Path]] = {}
+
+    def get(config: str) -> tuple[Path, Path]:
+        if config not in made:
+            root = tmp_path_factory.mktemp(config)
+            pretrain(config, 2, root / "straight", "--max-steps", "6")
+            pretrain(config, 2, root / "split", "--max-steps", "3", "--save-every", "2")
+            shutil.copytree(root / "split" / "checkpoints" / "step_00000003", root / "step3")  # before pruning
+            log = pretrain(config, 2, root / "split", "--max-steps", "6", "--save-every", "2", "--resume", "auto")
+            assert "resumed from" in log and "step_00000003" in log
+            made[config] = root / "straight", root / "split"
+        return made[config]
+
+    return get
+
+
+@pytest.mark.parametrize("config", ["ddp", "fsdp", "zero3"])
+def test_resume_mid_epoch_continues_exactly(runs, config):
+    straight, split = runs(config)
+    losses, state, _ = read_run(straight)
+    resumed_losses, resumed_state, _ = read_run(split)
+    assert len(losses) == 6 and resumed_losses == pytest.approx(losses, rel=1e-6, abs=0)
+    assert_states_close(resumed_state, state, rtol=1e-6)
+    ckpts = split / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000004", "step_00000006"]  # --keep-last 2
+    assert (ckpts / "latest").read_text() == "step_00000006"
+    assert not list(ckpts.glob(".*.tmp"))
+
+
+def _load_and_dump(ctx, folder: str, saved_world: int, out: str) -> None:
+    cfg = load_engine_config(engine_config("fsdp"), B, ctx.world_size)
+    torch.manual_seed(123)  # another initialisation: the load must replace every tensor
+    engine = build_engine(build_moco(**TINY_VIT), "adamw", 0.1, cfg, ctx)
+    engine.load(folder, saved_world)
+    model = {k: v.detach().clone() for k, v in engine.full_state_dict().items()}
+    optimizer = engine.optimizer_state_dict()["optimizer"]
+    if ctx.is_main:
+        torch.save({"model": model, "optimizer": optimizer}, out)
+    engine.close()
+
+
+@pytest.mark.parametrize("world", [1, 4])
+def test_fsdp_checkpoint_reshards_to_another_world_size(runs, world, tmp_path):
+    """Saved by 2 ranks, loaded by 1 or 4: parameters and optimizer state as saved; training continues."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    straight, split = runs("fsdp")
+    step3 = split.parent / "step3"
+    dcp_to_torch_save(str(step3), str(tmp_path / "saved.pt"))
+    saved = torch.load(tmp_path / "saved.pt", weights_only=False)
+    spawn(_load_and_dump, world, str(step3), 2, str(tmp_path / "loaded.pt"))
+    loaded = torch.load(tmp_path / "loaded.pt", weights_only=False)
+    assert set(loaded["model"]) == set(saved["model"])
+    for k, v in saved["model"].items():
+        assert torch.equal(loaded["model"][k], v), k
+    state = saved["optimizer"]["state"]
+    assert state and set(loaded["optimizer"]["state"]) == set(state)
+    for name, slots in state.items():
+        for slot, v in slots.items():
+            assert torch.equal(torch.as_tensor(loaded["optimizer"]["state"][name][slot]), torch.as_tensor(v))
+
+    log = pretrain("fsdp", world, tmp_path / "run", "--max-steps", "6", "--resume", str(step3))
+    assert "resumed from" in log
+    # the losses of steps 4-6 follow the uninterrupted world-2 run (parameters are not compared after the
+    # steps: AdamW turns reduction-order noise on zero-gradient elements into lr-sized moves, see helpers)
+    losses, _, _ = read_run(tmp_path / "run")
+    want, _, _ = read_run(straight)
+    assert losses == pytest.approx(want[3:], rel=1e-5)
+
+
+def test_deepspeed_changes_world_size_through_the_reference_file(runs, tmp_path):
+    """ZeRO-3 at world 2 -> world 1: refused with the way out; that way (consolidate, --resume the file)
+    carries every tensor, the fp32 momentum encoder included, and warns that the optimizer starts fresh."""
+    _, split = runs("zero3")
+    step3 = split.parent / "step3"
+    res = run_cli([*COMMON, "--engine-config", engine_config("zero3"), "--output-dir", str(tmp_path / "refused"),
+                   "--max-steps", "6", "--resume", str(step3)], launcher=deepspeed_launcher(1))
+    assert res.returncode != 0 and "convert --to reference" in res.stderr and "2 DeepSpeed ranks" in res.stderr
+
+    ref = tmp_path / "full.pth.tar"
+    res = run_cli(["convert", "--to", "reference", str(step3), str(ref)])
+    assert res.returncode == 0, res.stderr[-2000:]
+    published = torch.load(ref, weights_only=True)
+    # as the published files: no optimizer, no scaler, no moco-scale record; 'epoch' = the next epoch to run
+    published = {"epoch": 1, "arch": published["arch"], "state_dict": published["state_dict"]}
+    torch.save(published, ref)
+    log = pretrain("zero3", 1, tmp_path / "run", "--max-steps", str(ITERS), "--resume", str(ref))
+    assert "optimizer starts fresh" in log and "step 89 (epoch 1, batch 0)" in log
+    imported = consolidate(tmp_path / "run" / "checkpoints" / f"step_{ITERS:08d}")["state_dict"]
+    assert set(imported) == set(published["state_dict"])
+    for k, v in published["state_dict"].items():
+        assert torch.equal(imported[k], v), k
+    assert any(not torch.equal(v, published["state_dict"][k.replace("momentum_encoder", "base_encoder")])
+               for k, v in published["state_dict"].items() if "momentum_encoder" in k)
+
+
+def test_resume_auto_skips_damaged_and_half_written_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    pretrain("ddp", 1, run, "--max-steps", "3", "--save-every", "1", "--keep-last", "3")
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000003"
+    with open(ckpts / "step_00000003" / "engine.pt", "r+b") as f:  # killed half-way through a write
+        f.truncate(1000)
+    res = plain(run, "--max-steps", "3", "--resume", str(ckpts / "step_00000003"))
+    assert res.returncode == 2 and str(ckpts / "step_00000003" / "engine.pt") in res.stderr
+
+    shutil.copytree(ckpts / "step_00000002", tmp_path / "copy")
+    (tmp_path / "copy" / "meta.json").write_text("{not json")
+    res = plain(run, "--max-steps", "3", "--resume", str(tmp_path / "copy"))
+    assert res.returncode == 2 and "meta.json is corrupt" in res.stderr
+
+    (ckpts / "step_00000002" / "meta.json").unlink()  # a save that never completed
+    (ckpts / ".step_00000004.tmp").mkdir()  # one that never got renamed
+    log = pretrain("ddp", 1, run, "--max-steps", "1", "--resume", "auto")
+    assert "skipping checkpoint" in log and "engine.pt has 1000 bytes" in log and "no meta.json" in log
+    assert f"resumed from {ckpts / 'step_00000001'} at step 1" in log
+
+
+def test_resume_refuses_another_model_or_engine(runs, tmp_path):
+    _, split = runs("fsdp")
+    step3 = split.parent / "step3"
+    res = plain(tmp_path / "a", "--max-steps", "6", "--resume", str(step3))
+    assert res.returncode == 2 and "written by fsdp and this run uses ddp" in res.stderr
+    assert "convert --to reference" in res.stderr
+    args = [a if a != "64" else "32" for a in COMMON]  # --embed-dim 32 (and --moco-mlp-dim 32)
+    res = run_cli(["pretrain", *args, "--engine-config", engine_config("fsdp"), "--output-dir", str(tmp_path / "b"),
+                   "--max-steps", "6", "--resume", str(step3)])
+    assert res.returncode == 2 and "another model" in res.stderr and "embed_dim 64 there, 32 here" in res.stderr
+    res = plain(tmp_path / "c", "--resume", str(tmp_path / "nothing"))
+    assert res.returncode == 2 and "nothing does not exist" in res.stderr
+
+
+def test_convert_reads_every_engines_checkpoint_folder(runs, tmp_path):
+    """convert --to reference from a sharded folder gives the tensors the run's own full file holds."""
+    for config in ("ddp", "fsdp", "zero3"):
+        straight, _ = runs(config)
+        out = tmp_path / f"{config}.pth.tar"
+        res = run_cli(["convert", "--to", "reference", str(straight / "checkpoints" / "step_00000006"), str(out)])
+        assert res.returncode == 0, res.stderr[-2000:]
+        got = torch.load(out, weights_only=True)["state_dict"]
+        want = torch.load(straight / "checkpoint.pth.tar", weights_only=True)["state_dict"]
+        assert set(got) == set(want)
+        for k, v in want.items():
+            assert torch.equal(got[k], v.float() if v.is_floating_point() else v), (config, k)
+        assert json.loads((straight / "checkpoints" / "step_00000006" / "meta.json").read_text())["iter"] == 6

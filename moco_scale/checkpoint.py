@@ -227,3 +227,17 @@ def _deepspeed_model_state(folder: Path, meta: dict[str, Any]) -> dict[str, torc
     for name, tensor in zip(momentum["names"], momentum["tensors"], strict=True):
         model[f"momentum_encoder.{name}"] = tensor
     return dict(model)
+
+
+def read_any_checkpoint(path: str) -> dict[str, Any]:
+    """Any checkpoint as one reference-format dict: a file (moco-scale's or the reference's), a resumable
+    folder, or a run folder (its newest complete checkpoint)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return load_checkpoint(path)
+    if not (folder / META).exists():
+        latest = find_latest(folder)
+        if latest is None:
+            raise FileNotFoundError(f"checkpoint folder {path} holds no complete checkpoint (step_*/{META})")
+        folder = latest
+    return consolidate(folder)

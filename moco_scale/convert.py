@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from moco_scale.checkpoint import atomic_save, consolidate, load_checkpoint
+from moco_scale.checkpoint import atomic_save, read_any_checkpoint
 from moco_scale.models import ARCHS, UnknownArchError, build_moco
 from moco_scale.models.resnet import RESNET_ARCHS
 from moco_scale.models.vit import VIT_ARCHS
@@ -89,7 +87,7 @@ def convert(src: str, dst: str, to: str) -> str:
     """Write `dst` in format `to`; returns a line to print about what the user must know."""
     if to not in FORMATS:
         raise ConvertError(f"--to must be one of {', '.join(FORMATS)}, not {to!r}")
-    ckpt = consolidate(Path(src)) if os.path.isdir(src) else load_checkpoint(src)
+    ckpt = read_any_checkpoint(src)
     state, settings = checked_state_dict(ckpt, src)
     arch = settings["arch"]
     if to == "reference":

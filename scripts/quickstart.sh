@@ -2,7 +2,8 @@
 # The main job: set up .venv, pretrain a tiny ViT on the built-in digits under the DeepSpeed
 # launcher with ZeRO-3 (model states sharded over 2 CPU processes, or over the GPUs of this
 # machine), then compare frozen features of the pretrained and the randomly initialised encoder
-# with kNN and linear probes on the held-out split. Re-running starts a fresh run.
+# with kNN and linear probes on the held-out split, and run the linear evaluation protocol.
+# Re-running starts a fresh run.
 # ENGINE=ds_configs/fsdp.json (or any file in ds_configs/) switches the engine; nothing else changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,4 +21,6 @@ deepspeed --num_gpus "$NPROC" --master_port "$PORT" --module moco_scale.pretrain
   --optimizer adamw --lr 1e-3 --wd 0.1 --epochs 30 --warmup-epochs 5 --crop-min 0.2 \
   -b 128 -j 0 -p 10 --engine-config "$ENGINE" --output-dir "$OUT" --overwrite "$@"
 moco-scale probe --pretrained "$OUT/checkpoint.pth.tar"
-echo "run folder: $OUT (config.json, metrics.jsonl, tensorboard/, checkpoint.pth.tar, probe.json)"
+# the MoCo v3 linear evaluation protocol, short: 10 epochs, parameter-free BN before the classifier
+moco-scale lincls --pretrained "$OUT/checkpoints" --epochs 10 -b 256 --bn -j 0 --output-dir "$OUT/lincls"
+echo "run folder: $OUT (config.json, metrics.jsonl, tensorboard/, checkpoints/, checkpoint.pth.tar, probe.json, lincls/)"

@@ -241,3 +241,32 @@ def read_any_checkpoint(path: str) -> dict[str, Any]:
             raise FileNotFoundError(f"checkpoint folder {path} holds no complete checkpoint (step_*/{META})")
         folder = latest
     return consolidate(folder)
+
+
+def make_universal(src: Path, dst: Path) -> None:
+    """A DeepSpeed checkpoint folder as a universal one (DeepSpeed's ds_to_universal), loadable at any world
+    size and ZeRO stage; momentum.pt (fp32 momentum encoder, BN statistics) travels beside it."""
+    import subprocess
+    import sys
+
+    meta = verify(src)
+    if not meta["engine"].startswith("deepspeed") or meta["engine"].endswith("ZeRO-0"):
+        raise ValueError(f"{src} was written by {meta['engine']}: universal checkpoints are made from DeepSpeed "
+                         "ZeRO 1-3 ones (FSDP checkpoints reshard as they are; DDP's are whole)")
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    res = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                          str(src / "deepspeed"), "--output_folder", str(tmp / "universal"),
+                          "--inject_missing_state"],  # ZeRO 1-2: the Megatron-only client state it asks for
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"DeepSpeed's ds_to_universal failed on {src / 'deepspeed'}:\n{res.stderr[-2000:]}")
+    shutil.copy2(src / "momentum.pt", tmp / "momentum.pt")
+    out = {**{k: v for k, v in meta.items() if k != "files"}, "universal": True, "converted_from": str(src),
+           "files": _manifest(tmp)}
+    (tmp / META).write_text(json.dumps(out, indent=2))
+    if dst.exists():
+        raise ValueError(f"{dst} already exists")
+    os.replace(tmp, dst)

@@ -15,16 +15,17 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from moco_scale.checkpoint import atomic_save, read_any_checkpoint
+from moco_scale.checkpoint import atomic_save, make_universal, read_any_checkpoint
 from moco_scale.models import ARCHS, UnknownArchError, build_moco
 from moco_scale.models.resnet import RESNET_ARCHS
 from moco_scale.models.vit import VIT_ARCHS
 
-FORMATS = ("reference", "deit", "timm", "torchvision")
+FORMATS = ("reference", "deit", "timm", "torchvision", "universal")
 
 
 class ConvertError(ValueError):
@@ -87,6 +88,10 @@ def convert(src: str, dst: str, to: str) -> str:
     """Write `dst` in format `to`; returns a line to print about what the user must know."""
     if to not in FORMATS:
         raise ConvertError(f"--to must be one of {', '.join(FORMATS)}, not {to!r}")
+    if to == "universal":
+        make_universal(Path(src), Path(dst))
+        return (f"wrote {dst}: a DeepSpeed universal checkpoint; --resume {dst} at any world size or ZeRO stage "
+                "(checkpoint.load_universal is set for you)")
     ckpt = read_any_checkpoint(src)
     state, settings = checked_state_dict(ckpt, src)
     arch = settings["arch"]

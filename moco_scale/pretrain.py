@@ -199,6 +199,18 @@ def check_resumable(meta: dict[str, Any], source: Path, args: argparse.Namespace
     if meta["dataset_size"] != dataset_size:
         raise ConfigError(f"--resume {source} saw {meta['dataset_size']} training images, this data has "
                           f"{dataset_size}")
+    if meta.get("universal"):  # DeepSpeed's universal form loads into any stage at any world size
+        if engine_cfg["engine"] != "deepspeed":
+            raise ConfigError(f"--resume {source} is a DeepSpeed universal checkpoint; resume it with a DeepSpeed "
+                              "engine config (ds_configs/zero*.json), or convert --to reference for another engine")
+        saved_stage3, stage3 = meta["engine"].endswith("ZeRO-3"), engine_cfg["zero_stage"] == 3
+        if saved_stage3 != stage3:  # measured with deepspeed 0.19.8: its model files are named per stage group
+            raise ConfigError(f"--resume {source} is a universal checkpoint of {meta['engine']}; DeepSpeed loads it "
+                              f"into {'ZeRO-3' if saved_stage3 else 'ZeRO 1-2'} only, and this run uses "
+                              f"ZeRO-{engine_cfg['zero_stage']}. Convert the original --to reference and --resume "
+                              "that file instead (the optimizer starts fresh)")
+        engine_cfg["deepspeed"].setdefault("checkpoint", {})["load_universal"] = True
+        return
     theirs, ours = meta["engine"], checkpoint_layout(engine_cfg)
     if theirs != ours:
         raise ConfigError(f"--resume {source} was written by {theirs} and this run uses {ours}: their layouts "

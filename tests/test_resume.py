@@ -117,21 +117,59 @@ def test_fsdp_checkpoint_reshards_to_another_world_size(runs, world, tmp_path):
     assert losses == pytest.approx(want[3:], rel=1e-5)
 
 
-def test_deepspeed_changes_world_size_through_the_reference_file(runs, tmp_path):
-    """ZeRO-3 at world 2 -> world 1: refused with the way out; that way (consolidate, --resume the file)
-    carries every tensor, the fp32 momentum encoder included, and warns that the optimizer starts fresh."""
-    _, split = runs("zero3")
+def _load_universal_and_dump(ctx, folder: str, out: str) -> None:
+    cfg = load_engine_config(engine_config("zero3"), B, ctx.world_size)
+    cfg["deepspeed"]["checkpoint"] = {"load_universal": True}  # what the driver sets for a universal folder
+    torch.manual_seed(123)
+    engine = build_engine(build_moco(**TINY_VIT), "adamw", 0.1, cfg, ctx)
+    engine.load(folder, 2)
+    model = {k: v.detach().clone() for k, v in engine.full_state_dict().items()}
+    if ctx.is_main:
+        torch.save(model, out)
+    engine.close()
+
+
+def test_zero3_changes_world_size_through_a_universal_checkpoint(runs, tmp_path):
+    """ZeRO-3 at world 2 -> world 1: refused as it is, with the ways out; through DeepSpeed's universal
+    form every tensor arrives (fp32 momentum encoder and BN statistics from momentum.pt) and the
+    next losses follow the uninterrupted run."""
+    straight, split = runs("zero3")
     step3 = split.parent / "step3"
     res = run_cli([*COMMON, "--engine-config", engine_config("zero3"), "--output-dir", str(tmp_path / "refused"),
                    "--max-steps", "6", "--resume", str(step3)], launcher=deepspeed_launcher(1))
-    assert res.returncode != 0 and "convert --to reference" in res.stderr and "2 DeepSpeed ranks" in res.stderr
+    assert res.returncode != 0 and "2 DeepSpeed ranks" in res.stderr
+    assert "convert --to universal" in res.stderr and "convert --to reference" in res.stderr
 
+    universal = tmp_path / "universal"
+    res = run_cli(["convert", "--to", "universal", str(step3), str(universal)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    spawn(_load_universal_and_dump, 1, str(universal), str(tmp_path / "loaded.pt"))
+    loaded = torch.load(tmp_path / "loaded.pt", weights_only=True)
+    saved = {k.removeprefix("module."): v for k, v in consolidate(step3)["state_dict"].items()}
+    assert set(loaded) == set(saved)
+    for k, v in saved.items():
+        assert torch.equal(loaded[k].to(v.dtype), v), k
+
+    log = pretrain("zero3", 1, tmp_path / "run", "--max-steps", "6", "--resume", str(universal))
+    assert "resumed from" in log
+    want, _, _ = read_run(straight)
+    assert read_run(tmp_path / "run")[0] == pytest.approx(want[3:], rel=1e-5)
+    res = run_cli([*COMMON, "--engine-config", engine_config("zero2"), "--output-dir", str(tmp_path / "z2"),
+                   "--max-steps", "6", "--resume", str(universal)], launcher=deepspeed_launcher(1))
+    assert res.returncode != 0 and "into ZeRO-3 only" in res.stderr
+
+
+def test_a_published_style_file_round_trips_through_resume(runs, tmp_path):
+    """convert --to reference, strip it to what the published files hold, --resume it under ZeRO-3 at
+    another world size: the imported checkpoint holds the file's tensors bit for bit (momentum encoder
+    included) and the run warns that the optimizer starts fresh."""
+    _, split = runs("zero3")
     ref = tmp_path / "full.pth.tar"
-    res = run_cli(["convert", "--to", "reference", str(step3), str(ref)])
+    res = run_cli(["convert", "--to", "reference", str(split.parent / "step3"), str(ref)])
     assert res.returncode == 0, res.stderr[-2000:]
-    published = torch.load(ref, weights_only=True)
+    full = torch.load(ref, weights_only=True)
     # as the published files: no optimizer, no scaler, no moco-scale record; 'epoch' = the next epoch to run
-    published = {"epoch": 1, "arch": published["arch"], "state_dict": published["state_dict"]}
+    published = {"epoch": 1, "arch": full["arch"], "state_dict": full["state_dict"]}
     torch.save(published, ref)
     log = pretrain("zero3", 1, tmp_path / "run", "--max-steps", str(ITERS), "--resume", str(ref))
     assert "optimizer starts fresh" in log and "step 89 (epoch 1, batch 0)" in log

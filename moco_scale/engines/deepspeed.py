@@ -40,6 +40,7 @@ from moco_scale.optim import build_optimizer
 #: moco-scale's own keys, in a "moco_scale" section that is removed before DeepSpeed reads the file
 MOCO_SCALE_DEFAULTS: dict[str, Any] = {"activation_checkpointing": 0, "backbone_chunk": 0}
 _DS_TAG = "deepspeed"  # the subfolder DeepSpeed writes its checkpoint into
+UNIVERSAL_TAG = "universal"  # where `moco-scale convert --to universal` puts ds_to_universal's output
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
@@ -314,24 +315,36 @@ class DeepSpeedEngine(Engine):
         DeepSpeed keeps no fp32 copy of it (in 16-bit modes its module weights are rounded)."""
         self.ds.save_checkpoint(path, tag=_DS_TAG, save_latest=False)
         momentum = [t.detach().to("cpu", copy=True) for t in self._full_momentum()]  # a collective
-        if self.ctx.is_main:
-            torch.save({"names": self._momentum_names, "tensors": momentum}, os.path.join(path, "momentum.pt"))
+        if self.ctx.is_main:  # BN statistics too: a universal checkpoint carries trainable parameters only
+            buffers = {n: b.detach().cpu().clone() for n, b in self.model.named_buffers()}
+            torch.save({"names": self._momentum_names, "tensors": momentum, "buffers": buffers},
+                       os.path.join(path, "momentum.pt"))
 
     def load(self, path: str, saved_world_size: int) -> None:
-        if saved_world_size != self.ctx.world_size:
+        universal = self.ds.load_universal_checkpoint()
+        if universal and not os.path.isdir(os.path.join(path, UNIVERSAL_TAG)):
+            raise ConfigError(f"the engine config sets checkpoint.load_universal but {path} holds no "
+                              f"{UNIVERSAL_TAG}/ folder; make one: moco-scale convert --to universal {path} OUT")
+        if not universal and saved_world_size != self.ctx.world_size:
             raise ConfigError(
                 f"checkpoint {path} was written by {saved_world_size} DeepSpeed ranks and this run has "
-                f"{self.ctx.world_size}: DeepSpeed's partitions only load at the same world size. Consolidate it "
-                f"(moco-scale convert --to reference {path} full.pth.tar) and --resume full.pth.tar (the optimizer "
-                "state starts fresh), or resume with the same number of ranks")
-        loaded, _ = self.ds.load_checkpoint(path, tag=_DS_TAG, load_optimizer_states=True,
+                f"{self.ctx.world_size}: DeepSpeed's partitions only load at the same world size. Either make a "
+                f"universal checkpoint (moco-scale convert --to universal {path} OUT) and --resume OUT, optimizer "
+                f"state included, or consolidate it (moco-scale convert --to reference {path} full.pth.tar) and "
+                "--resume full.pth.tar (the optimizer starts fresh), or resume with the same number of ranks")
+        tag = UNIVERSAL_TAG if universal else _DS_TAG
+        loaded, _ = self.ds.load_checkpoint(path, tag=tag, load_optimizer_states=True,
                                             load_lr_scheduler_states=False)
         if loaded is None:
-            raise ValueError(f"checkpoint {path}: DeepSpeed found no state under {os.path.join(path, _DS_TAG)}")
+            raise ValueError(f"checkpoint {path}: DeepSpeed found no state under {os.path.join(path, tag)}")
         saved = load_checkpoint(os.path.join(path, "momentum.pt"))
         if saved["names"] != self._momentum_names:
             raise ValueError(f"checkpoint {path}/momentum.pt holds another model's momentum encoder")
         self._set_momentum(saved["tensors"])
+        with torch.no_grad():
+            for name, value in saved.get("buffers", {}).items():
+                buf = self.model.get_buffer(name)
+                buf.copy_(value.to(buf.device, buf.dtype))
 
     @torch.no_grad()
     def _set_momentum(self, full: list[torch.Tensor]) -> None:

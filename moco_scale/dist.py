@@ -1,19 +1,23 @@
 """Process group and device from the launcher's environment.
 
 torchrun and the DeepSpeed launcher both export RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR and MASTER_PORT; without them moco-scale runs as one plain process
-with no process group at all (the reference crashes there).
+MASTER_ADDR and MASTER_PORT; `srun` tasks get them from SLURM's variables; without
+them moco-scale runs as one plain process with no process group at all (the
+reference crashes there).
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import signal
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from moco_scale.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -33,8 +37,35 @@ class DistContext:
         return dist.is_available() and dist.is_initialized()
 
 
+def _leading_int(value: str) -> int:
+    """SLURM's per-node task counts look like "8", "8(x2)" or "8,4": the first node's count."""
+    digits = ""
+    for ch in value:
+        if not ch.isdigit():
+            break
+        digits += ch
+    return int(digits or "1")
+
+
+def adopt_slurm_env() -> None:
+    """Under `srun` (one task per GPU, no torchrun), turn SLURM's variables into the launcher ones.
+
+    Left alone when a launcher already set RANK, or for a single task (a plain process in an
+    allocation). MASTER_ADDR must come from the job script (the first node of the allocation)."""
+    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in os.environ:
+        return
+    if "MASTER_ADDR" not in os.environ:
+        raise ConfigError('running under srun with SLURM_NTASKS > 1 but MASTER_ADDR is not set; in the job script: '
+                           'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)')
+    per_node = os.environ.get("SLURM_NTASKS_PER_NODE") or os.environ.get("SLURM_STEP_TASKS_PER_NODE") or "1"
+    os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                      LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"), LOCAL_WORLD_SIZE=str(_leading_int(per_node)))
+    os.environ.setdefault("MASTER_PORT", "29500")
+
+
 def world_size_from_env() -> int:
     """The world size the launcher promised, readable before the process group exists."""
+    adopt_slurm_env()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -54,8 +85,8 @@ def _choose_device(device: str, local_rank: int) -> torch.device:
 def init_distributed(device: str = "auto", timeout_s: float = 1800.0, require_group: bool = False) -> DistContext:
     """Join the launcher's process group (NCCL on GPU, gloo on CPU), or run alone: without a
     group, or (`require_group`, for the sharding engines) in a group of one."""
-    rank = int(os.environ.get("RANK", "0"))
     world = world_size_from_env()
+    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     dev = _choose_device(device, local_rank)
@@ -65,7 +96,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0, require_gr
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
-            raise RuntimeError(f"WORLD_SIZE is set but {', '.join(missing)} is not: launch with torchrun "
+            raise ConfigError(f"WORLD_SIZE is set but {', '.join(missing)} is not: launch with torchrun "
                                "or deepspeed, or unset WORLD_SIZE to run as one process")
         dist.init_process_group(
             backend="nccl" if dev.type == "cuda" else "gloo",
@@ -100,3 +131,27 @@ def mean_across_ranks(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value)
         value /= get_world_size()
     return value
+
+
+class StopRequest:
+    """SIGTERM (what SLURM sends before preemption or the time limit) asks the run to save and exit 0.
+
+    The handler only sets a flag; `agreed()` at a step boundary makes every rank decide the same,
+    since the signal reaches ranks at different moments (one tiny all-reduce per step)."""
+
+    def __init__(self, ctx: DistContext) -> None:
+        self.ctx, self.requested = ctx, False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        if not self.ctx.is_distributed or self.ctx.world_size == 1:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=self.ctx.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def close(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)

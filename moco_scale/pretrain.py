@@ -33,7 +33,14 @@ from moco_scale.checkpoint import (
 from moco_scale.config import ConfigError
 from moco_scale.convert import describe_mismatch
 from moco_scale.data import BUILTIN_IMAGE_SIZE, DataError, pretrain_dataset, pretrain_loader
-from moco_scale.dist import DistContext, init_distributed, mean_across_ranks, shutdown, world_size_from_env
+from moco_scale.dist import (
+    DistContext,
+    StopRequest,
+    init_distributed,
+    mean_across_ranks,
+    shutdown,
+    world_size_from_env,
+)
 from moco_scale.engines import build_engine, load_engine_config, needs_process_group
 from moco_scale.models import ARCHS, UnknownArchError, build_moco
 from moco_scale.models.vit import VIT_ARCHS
@@ -327,6 +334,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         logger.message(f"resumed from {resume[1]} at step {step} (epoch {start_epoch}, batch {start_iter})")
     meter, last_loss, started = Throughput(), float("nan"), time.time()
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth.tar")
+    stop, interrupted = StopRequest(ctx), False
     for epoch in range(start_epoch, args.epochs):
         if step >= total_steps:
             break
@@ -348,9 +356,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 logger.log({"step": step, "epoch": ep, "loss": last_loss, "lr": lr, "moco_m": m, **meter.read()})
             if step == total_steps:
                 break
+            if stop.agreed():
+                saved = manager.save(engine, position(epoch, i + 1))
+                logger.message(f"SIGTERM: saved {saved} at step {step}; exiting (continue with --resume auto)")
+                interrupted = True
+                break
             if args.save_every and step % args.save_every == 0 and i + 1 < iters:
                 manager.save(engine, position(epoch, i + 1))
             fetch_start = time.perf_counter()
+        if interrupted:
+            break
         manager.save(engine, position(epoch, i + 1))
         state = reference_checkpoint(engine, epoch + 1, args.arch, model_kwargs(args), step)
         if ctx.is_main:
@@ -358,7 +373,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if step == total_steps:
             break
 
-    summary = {"steps": step, "epochs": step / iters, "final_loss": last_loss,
+    stop.close()
+    summary = {"steps": step, "epochs": step / iters, "final_loss": last_loss, "interrupted": interrupted,
                "seconds": time.time() - started, "checkpoint": ckpt_path,
                "skipped_images": int(dataset.skipped.item())}
     if ctx.is_main:
@@ -369,6 +385,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     logger.close()
     engine.close()
     return summary
+
+
+def _is_collective_failure(e: RuntimeError) -> bool:
+    """A peer died (kill -9, the OOM killer, a lost node) or the network dropped: gloo and NCCL raise
+    RuntimeError (DistError in newer paths) from inside whichever collective noticed first."""
+    text = str(e)
+    return isinstance(e, torch.distributed.DistError) or any(
+        mark in text for mark in ("gloo/transport", "NCCL", "Connection reset by peer", "Connection closed by peer"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -386,6 +410,14 @@ def main(argv: list[str] | None = None) -> int:
         # No barrier here: the other ranks may be blocked in a collective. Exiting lets the
         # launcher (torchrun, deepspeed) stop them at once instead of after --dist-timeout.
         return 2
+    except RuntimeError as e:
+        if not _is_collective_failure(e):
+            raise
+        rank = os.environ.get("RANK")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"moco-scale pretrain: error (rank {rank}): a collective failed, so another rank died or the network "
+              f"dropped ({first}); continue with --resume auto from the last checkpoint", file=sys.stderr)
+        return 1
     shutdown()
     return 0
 

@@ -41,8 +41,9 @@ COMMON = [*TINY_VIT_FLAGS, "-b", str(B), "--epochs", str(EPOCHS), "--warmup-epoc
           "--max-steps", str(STEPS), "--device", "cpu"]
 
 
-def shm_segments() -> set[Path]:
-    return set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+def shm_segments(port: str) -> set[Path]:
+    """DeepSpeed's CPU all-reduce segments of the job on `port` (others may run beside the tests)."""
+    return set(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def launcher(config: str, world: int) -> list[str]:
@@ -85,9 +86,9 @@ def test_chunked_backbone_run_matches_the_oracle(oracle, config, tmp_path):
 @pytest.mark.parametrize("config", CONFIGS)
 def test_shipped_config_matches_the_oracle(oracle, config, world, tmp_path):
     """The same command with only --engine-config changed; fp32 (what "auto" gives on CPU)."""
-    segments_before = shm_segments()
+    launch = launcher(config, world)
     res = run_cli([*COMMON, "--engine-config", engine_config(config), "--output-dir", str(tmp_path)],
-                  launcher=launcher(config, world))
+                  launcher=launch)
     assert res.returncode == 0, res.stderr[-3000:]
     check_against_oracle(tmp_path, oracle)
     resolved = json.loads((tmp_path / "config.json").read_text())
@@ -97,7 +98,8 @@ def test_shipped_config_matches_the_oracle(oracle, config, world, tmp_path):
         assert ds["train_batch_size"] == B and ds["train_micro_batch_size_per_gpu"] == B // world
         assert ds["gradient_clipping"] == 0.0
         # DeepSpeed's CPU all-reduce leaves a 66 MB /dev/shm segment per rank behind; enough launches fill RAM
-        assert shm_segments() <= segments_before, "DeepSpeed shared-memory segments left in /dev/shm"
+        port = launch[launch.index("--master_port") + 1]
+        assert not shm_segments(port), "DeepSpeed shared-memory segments left in /dev/shm"
 
 
 @pytest.mark.parametrize("config", ["fsdp", "zero3"])

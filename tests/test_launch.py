@@ -1,0 +1,134 @@
+"""Launching as on a cluster, with real launchers and processes on one machine: two "nodes" under the
+deepspeed launcher (hostfile, --no_ssh --node_rank) and torchrun --nnodes 2, srun-style tasks from
+SLURM's variables, SIGTERM (save and exit 0, then --resume auto) and kill -9 of one rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from helpers import BIN, REPO, TINY_VIT_FLAGS, assert_losses_close, deepspeed_launcher, engine_config, free_port
+
+COMMON = [*TINY_VIT_FLAGS, "-b", "16", "--epochs", "2", "--warmup-epochs", "1", "--optimizer", "adamw",
+          "--moco-m-cos", "--crop-min", "0.2", "-j", "0", "-p", "1", "--device", "cpu"]
+
+
+def env(**extra: str) -> dict[str, str]:
+    out = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT") and not k.startswith("SLURM_")}
+    return {**out, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+            "PATH": f"{BIN}:{out.get('PATH', '')}", **extra}
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in open(run / "metrics.jsonl")]
+
+
+def start(cmd: list[str], log: Path, **extra: str) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env(**extra), cwd=REPO,
+                            start_new_session=True)
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[int]:
+    return [p.wait(timeout=timeout) for p in procs]
+
+
+@pytest.fixture(scope="module")
+def single_node(tmp_path_factory) -> list[float]:
+    """The reference: 3 steps of ZeRO-3 at world 2 under the deepspeed launcher on one node."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    res = subprocess.run([*deepspeed_launcher(2), *COMMON, "--max-steps", "3", "--engine-config",
+                          engine_config("zero3"), "--output-dir", str(out)], env=env(), cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return losses(out)
+
+
+def test_two_nodes_under_the_deepspeed_launcher(single_node, tmp_path):
+    """`deepspeed --hostfile` with two hosts, each "node" started with --no_ssh --node_rank N."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    port = str(free_port())
+    cmd = [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--master_addr", "127.0.0.1",
+           "--master_port", port, "--module", "moco_scale.pretrain", *COMMON, "--max-steps", "3",
+           "--engine-config", engine_config("zero3"), "--output-dir", str(tmp_path / "run")]
+    procs = [start([*cmd[:3], "--node_rank", str(n), *cmd[3:]], tmp_path / f"node{n}.log") for n in (0, 1)]
+    assert finish(procs) == [0, 0], (tmp_path / "node1.log").read_text()[-3000:]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]["world_size"] == 2
+    assert_losses_close(losses(tmp_path / "run"), single_node)
+
+
+def test_two_nodes_under_torchrun(single_node, tmp_path):
+    port = str(free_port())
+    procs = [start([str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(n), "--nproc_per_node", "1",
+                    "--master_addr", "127.0.0.1", "--master_port", port, "-m", "moco_scale.pretrain", *COMMON,
+                    "--max-steps", "3", "--engine-config", engine_config("fsdp"), "--output-dir",
+                    str(tmp_path / "run")], tmp_path / f"node{n}.log") for n in (0, 1)]
+    assert finish(procs) == [0, 0], (tmp_path / "node1.log").read_text()[-3000:]
+    assert_losses_close(losses(tmp_path / "run"), single_node)
+
+
+def srun(world: int, port: str, args: list[str], tmp_path: Path, **extra: str) -> list[subprocess.Popen]:
+    """Tasks as `srun --ntasks W` starts them: the plain program, SLURM's variables, no launcher."""
+    return [start([str(BIN / "moco-scale"), "pretrain", *COMMON, *args], tmp_path / f"task{r}.log",
+                  SLURM_PROCID=str(r), SLURM_NTASKS=str(world), SLURM_LOCALID=str(r),
+                  SLURM_STEP_TASKS_PER_NODE=f"{world}(x1)", SLURM_JOB_ID="1234", MASTER_PORT=port, **extra)
+            for r in range(world)]
+
+
+def test_sigterm_saves_on_every_rank_and_resume_continues(single_node, tmp_path):
+    """srun-style tasks: SIGTERM to every process of the job step (as SLURM does before preemption) makes
+    each rank save one checkpoint and exit 0; --resume auto then runs to the end."""
+    run = tmp_path / "run"
+    args = ["--engine-config", engine_config("fsdp"), "--output-dir", str(run), "--max-steps", "150",
+            "--dist-timeout", "60"]
+    procs = srun(2, str(free_port()), args, tmp_path, MASTER_ADDR="127.0.0.1")
+    deadline = time.time() + 240
+    while not ((run / "metrics.jsonl").exists() and len(losses(run)) >= 3):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), (tmp_path / "task0.log").read_text()
+        time.sleep(0.5)
+    for p in procs:
+        os.killpg(p.pid, signal.SIGTERM)
+    assert finish(procs, timeout=120) == [0, 0], (tmp_path / "task1.log").read_text()[-3000:]
+    assert losses(run)[:3] == pytest.approx(single_node, rel=1e-5)  # the ranks came from SLURM's variables
+    log = (tmp_path / "task0.log").read_text()
+    assert "SIGTERM: saved" in log
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["interrupted"] and 3 <= summary["steps"] < 150
+    saved = json.loads((run / "checkpoints" / (run / "checkpoints" / "latest").read_text() / "meta.json").read_text())
+    assert saved["step"] == summary["steps"] and saved["world_size"] == 2
+
+    procs = srun(2, str(free_port()), [*args[:-4], "--max-steps", str(summary["steps"] + 2), "--resume", "auto"],
+                 tmp_path, MASTER_ADDR="127.0.0.1")
+    assert finish(procs) == [0, 0], (tmp_path / "task0.log").read_text()[-3000:]
+    assert f"at step {summary['steps']}" in (tmp_path / "task0.log").read_text()  # "resumed from ... at step N"
+    assert json.loads((run / "summary.json").read_text())["steps"] == summary["steps"] + 2
+
+
+def test_srun_without_master_addr_is_a_clear_error(tmp_path):
+    procs = srun(2, str(free_port()), ["--max-steps", "1", "--output-dir", str(tmp_path / "run")], tmp_path)
+    assert finish(procs, timeout=120) == [2, 2]
+    assert "MASTER_ADDR is not set" in (tmp_path / "task0.log").read_text()
+
+
+def test_kill_9_of_one_rank_ends_the_job(tmp_path):
+    """srun-style (no launcher to notice): the survivor's next collective fails and it exits non-zero
+    with a message naming the cause, well within --dist-timeout."""
+    run = tmp_path / "run"
+    procs = srun(2, str(free_port()), ["--engine-config", engine_config("fsdp"), "--output-dir", str(run),
+                                       "--max-steps", "500", "--dist-timeout", "60"], tmp_path,
+                 MASTER_ADDR="127.0.0.1")
+    deadline = time.time() + 240
+    while not ((run / "metrics.jsonl").exists() and len(losses(run)) >= 2):
+        assert time.time() < deadline, (tmp_path / "task0.log").read_text()
+        time.sleep(0.5)
+    killed_at = time.time()
+    procs[1].send_signal(signal.SIGKILL)
+    code = procs[0].wait(timeout=120)
+    assert code != 0 and time.time() - killed_at < 60
+    assert "another rank" in (tmp_path / "task0.log").read_text()

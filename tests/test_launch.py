@@ -12,10 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import BIN, REPO, TINY_VIT_FLAGS, assert_losses_close, deepspeed_launcher, engine_config, free_port
-
-COMMON = [*TINY_VIT_FLAGS, "-b", "16", "--epochs", "2", "--warmup-epochs", "1", "--optimizer", "adamw",
-          "--moco-m-cos", "--crop-min", "0.2", "-j", "0", "-p", "1", "--device", "cpu"]
+from helpers import BIN, REPO, assert_losses_close, builtin_batches, engine_config, free_port
+from test_engines import COMMON, STEPS, B, oracle_run  # the same command line and its oracle
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -39,14 +37,9 @@ def finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def single_node(tmp_path_factory) -> list[float]:
-    """The reference: 3 steps of ZeRO-3 at world 2 under the deepspeed launcher on one node."""
-    out = tmp_path_factory.mktemp("single") / "run"
-    res = subprocess.run([*deepspeed_launcher(2), *COMMON, "--max-steps", "3", "--engine-config",
-                          engine_config("zero3"), "--output-dir", str(out)], env=env(), cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return losses(out)
+def single_node() -> list[float]:
+    """What every launch below must reproduce: the oracle's first 3 losses for this command line."""
+    return oracle_run(builtin_batches(B, STEPS))[0]
 
 
 def test_two_nodes_under_the_deepspeed_launcher(single_node, tmp_path):

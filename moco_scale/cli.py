@@ -8,6 +8,7 @@ COMMANDS = {
     "pretrain": ("moco_scale.pretrain", "MoCo v3 pretraining"),
     "lincls": ("moco_scale.lincls", "linear evaluation on frozen features (MoCo v3's protocol)"),
     "probe": ("moco_scale.probe", "kNN and linear probe of frozen features (pretrained vs random init)"),
+    "hostfile": ("moco_scale.hostfile", "check a DeepSpeed hostfile (hosts, slots, master) before launching"),
     "convert": ("moco_scale.convert", "a checkpoint to the reference layout, DeiT, timm or torchvision"),
 }
 

@@ -298,7 +298,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     iters = len(loader)
     total_steps = iters * args.epochs if args.max_steps is None else min(args.max_steps, iters * args.epochs)
     if ctx.is_main:
-        prepare_output_dir(args.output_dir, args.overwrite, resuming=resume is not None)
+        # --resume auto may find no checkpoint yet (a crash before the first save): the folder is still this run's
+        prepare_output_dir(args.output_dir, args.overwrite, resuming=args.resume is not None)
         config = resolved_config(args, engine_cfg, ctx, engine.precision, iters, total_steps, workers)
         config["resolved"]["resumed_from"] = None if resume is None else str(resume[1])
         with open(os.path.join(args.output_dir, "config.json"), "w") as f:

@@ -7,4 +7,4 @@ bash scripts/setup_env.sh
 export PATH="$PWD/.venv/bin:$PATH" DS_ACCELERATOR=cpu
 ruff check moco_scale tests scripts
 if [ $# -eq 0 ]; then set -- -m "not slow"; fi
-exec python -m pytest -q -p no:cacheprovider "$@"
+exec python -m pytest -q -p no:cacheprovider --durations=15 "$@"

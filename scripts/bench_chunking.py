@@ -2,8 +2,9 @@
 
     python scripts/bench_chunking.py                                  # ViT-S, 64 px, CPU, one process
     python scripts/bench_chunking.py --device cuda --image-size 224 -a vit_base --batches 256 1024 4096
+    python scripts/bench_chunking.py --engine-config ds_configs/fsdp.json   # any engine, world 1
 
-Each setting runs in a fresh process (DDP engine, world 1, AdamW). Memory: on CUDA the peak
+Each setting runs in a fresh process (world 1, AdamW; DDP unless --engine-config). Memory: on CUDA the peak
 allocated during the steps; on CPU the peak RSS during the steps minus the RSS before the first
 step (the activations and gradients a step adds on top of the model and optimizer).
 """
@@ -34,13 +35,19 @@ def _rss_mib() -> float:
 def worker(args: argparse.Namespace, batch: int, chunk: int, out: str) -> None:
     sys.path.insert(0, str(REPO))
     from moco_scale import build_moco
-    from moco_scale.dist import DistContext
-    from moco_scale.engines import build_engine, load_engine_config
+    from moco_scale.dist import init_distributed
+    from moco_scale.engines import build_engine, load_engine_config, needs_process_group
 
-    device = torch.device(args.device)
-    ctx = DistContext(0, 1, 0, 1, device)
-    cfg = {**load_engine_config(str(REPO / "ds_configs" / "ddp.json")), "precision": args.precision,
-           "backbone_chunk": chunk, "activation_checkpointing": args.activation_checkpointing}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        os.environ.pop(key, None)
+    cfg = load_engine_config(args.engine_config, batch, 1)
+    cfg.update(backbone_chunk=chunk, activation_checkpointing=args.activation_checkpointing)
+    if "deepspeed" in cfg:
+        cfg["deepspeed"]["bf16"] = {"enabled": args.precision == "bf16"}
+    else:
+        cfg["precision"] = args.precision
+    ctx = init_distributed(args.device, require_group=needs_process_group(cfg))
+    device = ctx.device
     torch.manual_seed(0)
     model = build_moco(args.arch, img_size=args.image_size, moco_t=0.2)
     engine = build_engine(model, "adamw", 0.1, cfg, ctx)
@@ -78,9 +85,11 @@ def main() -> None:
     p.add_argument("--batches", nargs="+", type=int, default=[32, 64, 128], help="images per rank")
     p.add_argument("--chunks", nargs="+", type=int, default=[0, 32, 64], help="0: chunking off")
     p.add_argument("--activation-checkpointing", type=int, default=0)
+    p.add_argument("--engine-config", default=str(REPO / "ds_configs" / "ddp.json"))
     p.add_argument("--steps", type=int, default=3)
     args = p.parse_args()
-    print(f"# bench_chunking: {args.arch} {args.image_size}px {args.precision} on {args.device}, DDP world 1, "
+    print(f"# bench_chunking: {args.arch} {args.image_size}px {args.precision} on {args.device}, "
+          f"{Path(args.engine_config).name} world 1, "
           f"median of {args.steps} steps; an image is two crops, so a chunk of K crops covers K/2 images")
     print("| images/rank | chunk K | step s | ms/image | step memory GiB |")
     print("|---|---|---|---|---|")

@@ -73,7 +73,8 @@ def check_against_oracle(run_dir, oracle) -> None:
     assert_matches_oracle(state, want_state, init, params, noise_only, exact=exact)
 
 
-@pytest.mark.parametrize("config", ["ddp", "zero2"])
+@pytest.mark.parametrize("config", ["ddp", "fsdp", "zero2", "zero3",
+                                    pytest.param("zero3_offload", marks=pytest.mark.slow)])
 def test_chunked_backbone_run_matches_the_oracle(oracle, config, tmp_path):
     """--backbone-chunk 3 (16 crops per rank in chunks of 3): the global-batch equivalence still holds."""
     res = run_cli([*COMMON, "--backbone-chunk", "3", "--engine-config", engine_config(config), "--output-dir",

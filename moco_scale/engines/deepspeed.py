@@ -35,6 +35,7 @@ from moco_scale.dist import DistContext
 from moco_scale.engines.activation_checkpointing import apply_activation_checkpointing
 from moco_scale.engines.base import Engine
 from moco_scale.models import MoCo
+from moco_scale.models.chunking import PhasedChunks
 from moco_scale.optim import build_optimizer
 
 #: moco-scale's own keys, in a "moco_scale" section that is removed before DeepSpeed reads the file
@@ -136,11 +137,13 @@ class DeepSpeedEngine(Engine):
                               f"({self.precision}) hands the optimizer flat partitions; use ZeRO stage 0 in fp32, "
                               "an FSDP config (ds_configs/fsdp.json), or --optimizer adamw")
         apply_activation_checkpointing(model, config["activation_checkpointing"])
-        if config["backbone_chunk"] and self.stage == 3:
-            raise ConfigError("backbone_chunk / --backbone-chunk is not available with ZeRO-3 yet (it gathers "
-                              "parameters per module by hooks, see models/chunking.py); use ZeRO stage 0-2 or "
-                              "ds_configs/ddp.json for chunking")
-        model.set_backbone_chunk(config["backbone_chunk"])
+        # ZeRO-3 gathers parameters per module by hooks: the phased form of chunking (models/chunking.py)
+        self._chunks = None
+        if self.stage == 3 and config["backbone_chunk"]:
+            model.check_backbone_chunk(config["backbone_chunk"])
+            self._chunks = PhasedChunks(lambda *inputs, part: self.ds(*inputs, part=part), config["backbone_chunk"])
+        else:
+            model.set_backbone_chunk(config["backbone_chunk"])
         model.to(ctx.device)
         # fp32 values of frozen base/predictor parameters (fixed position embedding, stop-grad conv1):
         # DeepSpeed keeps no fp32 master of them, and they never change
@@ -251,10 +254,24 @@ class DeepSpeedEngine(Engine):
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         x1 = x1.to(self.ctx.device, dtype=self._dtype, non_blocking=True)
         x2 = x2.to(self.ctx.device, dtype=self._dtype, non_blocking=True)
-        return self.ds(x1, x2)
+        return self.ds(x1, x2) if self._chunks is None else self._chunks.forward(x1, x2)
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.ds.backward(loss)
+        if self._chunks is None:
+            self.ds.backward(loss)
+            return
+        scale = self._ds_optimizer.loss_scale if self.precision == "fp16" else 1.0
+        self._chunks.backward(loss, self.ds.backward, self._first_chunk_overwrites, grad_scale=scale)
+
+    def _first_chunk_overwrites(self, i: int, n: int) -> None:
+        """ZeRO-3 overwrites its gradient partitions in the first backward after a step and adds in the next
+        ones (it counts backward passes from the next forward on). The heads took that first backward; the
+        backbone's first gradient comes with chunk 0, and must overwrite the last step's, not add to it."""
+        if i == 0:
+            if not hasattr(self._ds_optimizer, "_epilogue_ran_this_backward"):
+                raise RuntimeError("this DeepSpeed version counts ZeRO-3 micro steps differently; chunking under "
+                                   "ZeRO-3 needs deepspeed 0.19")
+            self._ds_optimizer._epilogue_ran_this_backward = False
 
     def step(self, lr: float) -> None:
         self.set_lr(lr)

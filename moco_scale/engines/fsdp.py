@@ -18,11 +18,11 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from moco_scale.checkpoint import load_checkpoint
-from moco_scale.config import ConfigError
 from moco_scale.dist import DistContext
 from moco_scale.engines.activation_checkpointing import apply_activation_checkpointing
 from moco_scale.engines.base import PRECISIONS, Engine, resolve_precision
 from moco_scale.models import MoCo, backbone_blocks, projector
+from moco_scale.models.chunking import PhasedChunks
 from moco_scale.optim import build_optimizer
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,10 +53,7 @@ class FSDPEngine(Engine):
             precision = "bf16" if ctx.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
         self.precision = resolve_precision(precision, ctx.device)
         apply_activation_checkpointing(model, config["activation_checkpointing"])
-        if config["backbone_chunk"]:
-            raise ConfigError("backbone_chunk / --backbone-chunk is not available with FSDP yet (it gathers "
-                              "parameters per block by hooks, see models/chunking.py); use ds_configs/ddp.json "
-                              "or zero0-2.json for chunking")
+        model.check_backbone_chunk(config["backbone_chunk"])
         self.model = model.to(ctx.device)
         mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
         policy = MixedPrecisionPolicy()
@@ -72,6 +69,12 @@ class FSDPEngine(Engine):
         fully_shard(model, **shard)
         self._pairs = [(m, b) for m, b in zip(model.momentum_encoder.parameters(), model.base_encoder.parameters(),
                                                strict=True) if b.requires_grad]
+        self._reshard_after_forward = config["reshard_after_forward"]
+        self._chunks = PhasedChunks(self.model, config["backbone_chunk"]) if config["backbone_chunk"] else None
+        # the units a chunked pass runs once per chunk: the backbone blocks and the root (patch embedding, tokens,
+        # final norm); the heads and the predictor run once per step
+        self._base_units = [model, *backbone_blocks(model.base_encoder)]
+        self._momentum_units = backbone_blocks(model.momentum_encoder)
         self.optimizer = build_optimizer(optimizer, model.trainable_parameters(), weight_decay)
         self.scaler = None
         if self.precision == "fp16":
@@ -85,10 +88,36 @@ class FSDPEngine(Engine):
         torch._foreach_lerp_([_local(p) for p, _ in self._pairs], [_local(p) for _, p in self._pairs], 1.0 - m)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        return self.model(x1.to(self.ctx.device, non_blocking=True), x2.to(self.ctx.device, non_blocking=True))
+        x1, x2 = x1.to(self.ctx.device, non_blocking=True), x2.to(self.ctx.device, non_blocking=True)
+        if self._chunks is None:
+            return self.model(x1, x2)
+        # gathered once per pass, not once per chunk: blocks stay unsharded between chunks (the base encoder's
+        # until its last chunk's backward, the momentum encoder's until its features are done)
+        for unit in (*self._base_units, *self._momentum_units):
+            unit.set_reshard_after_forward(False, recurse=False)
+        self._accumulate(True)
+        loss = self._chunks.forward(x1, x2)
+        for unit in self._momentum_units:
+            unit.reshard()
+            unit.set_reshard_after_forward(self._reshard_after_forward, recurse=False)
+        return loss
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        scaled = loss if self.scaler is None else self.scaler.scale(loss)
+        if self._chunks is None:
+            scaled.backward()
+            return
+        # the heads' gradients are reduced in the first backward; the backbone's are summed unsharded over the
+        # chunks and reduce-scattered once, in the last chunk's backward, which also reshards the blocks
+        self._chunks.backward(scaled, torch.Tensor.backward, lambda i, n: self._accumulate(i < n - 1))
+        for unit in self._base_units:
+            unit.set_reshard_after_forward(self._reshard_after_forward, recurse=False)
+
+    def _accumulate(self, on: bool) -> None:
+        """Keep the backbone's gradients unreduced and its parameters gathered across backward passes (on)."""
+        for unit in self._base_units:
+            unit.set_requires_gradient_sync(not on, recurse=False)
+            unit.set_reshard_after_backward(not on, recurse=False)
 
     def step(self, lr: float) -> None:
         self.set_lr(lr)

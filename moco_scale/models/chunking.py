@@ -1,18 +1,20 @@
 """A backbone run in chunks of K images, exactly: the memory of a step follows K, not the batch.
 
 Forward: every chunk without autograd, features concatenated; the heads, the keys and the
-InfoNCE then see the whole per-rank batch. Backward: each chunk's forward is recomputed with
-autograd and back-propagated with its slice of the features' gradient. The gradients equal
-the unchunked step's up to floating-point reassociation (the sum over images is split in K-sized
-parts), because a BN-free backbone treats every image independently.
+InfoNCE then see the whole per-rank batch (BN statistics as without chunking). Backward: each
+chunk's forward is recomputed with autograd and back-propagated with its slice of the features'
+gradient. The gradients equal the unchunked step's up to floating-point reassociation (the sum
+over images is split in K-sized parts), because a BN-free backbone treats every image on its own.
 
-The chunk gradients are summed with `torch.autograd.grad` and handed back once per parameter
-(the parameters are inputs of the autograd function), so gradient hooks (DDP's all-reduce, ZeRO's
-reduce-scatter) fire once per step, as without chunking. That needs the module to hold its
-parameters: DDP and ZeRO 0-2. Engines that gather parameters per block by hooks (FSDP, ZeRO-3)
-refuse chunking for now: back-propagating each chunk on its own inside the outer backward (as
-reentrant checkpointing does) was measured to break both (FSDP2's gradients come out wrong;
-ZeRO-3 asserts that a parameter entered its reduce bucket twice).
+Two forms, one per kind of engine:
+
+- `chunked` (DDP, ZeRO 0-2: the module holds its parameters): an autograd function whose
+  backward sums the chunk gradients with `torch.autograd.grad` and hands them back once per
+  parameter, so gradient hooks (DDP's all-reduce, ZeRO's reduce-scatter) fire once per step.
+- `PhasedChunks` (FSDP, ZeRO-3: parameters gathered per block by hooks, which break when a
+  backward runs inside another backward): the step is split into separate engine forward and
+  backward calls through the wrapped module (`MoCo.forward(part=...)`), as gradient accumulation
+  does, with the engine deciding per chunk whether to reduce and reshard.
 """
 
 from __future__ import annotations
@@ -54,3 +56,44 @@ def chunked(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk:
     if not torch.is_grad_enabled():
         return torch.cat([run(c) for c in x.split(chunk)])
     return _ChunkedParams.apply(x, run, chunk, *params)
+
+
+class PhasedChunks:
+    """The chunked step as separate passes of the engine's wrapped module `call(*inputs, part=...)`.
+
+    `forward` runs every chunk of both encoders without autograd and returns the loss computed from
+    the features, which are an autograd leaf; `backward` back-propagates that loss (gradients of the
+    heads and predictor, and of the features), then recomputes each chunk with autograd and
+    back-propagates the surrogate (out * g).sum(), whose gradient at `out` is exactly g. The engine's
+    `before_chunk` runs before each chunk's recomputation (FSDP: reduce in the last chunk's backward only).
+    A loss scale (fp16) is applied once: the features' gradient carries it into the chunks' backward
+    (FSDP), or `grad_scale` divides it out where the engine scales every backward (DeepSpeed).
+    """
+
+    def __init__(self, call: Callable[..., torch.Tensor], chunk: int) -> None:
+        self.call, self.chunk = call, chunk
+        self._crops: tuple[torch.Tensor, ...] = ()
+        self._features: torch.Tensor | None = None
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        self._crops = torch.cat([x1, x2]).split(self.chunk)
+        with torch.no_grad():
+            features = torch.cat([self.call(c, part="base_features") for c in self._crops])
+            momentum = torch.cat([self.call(c, part="momentum_features") for c in self._crops])
+        self._features = features.requires_grad_()
+        return self.call(self._features, momentum, part="loss_from_features")
+
+    def backward(self, loss: torch.Tensor, backward: Callable[[torch.Tensor], None],
+                 before_chunk: Callable[[int, int], None], grad_scale: float = 1.0) -> None:
+        """`backward(t)` is the engine's backward of a scalar; `before_chunk(i, n)` runs before the
+        recomputation of chunk i of n; `grad_scale` is a loss scale that `backward` applies to every scalar
+        (DeepSpeed fp16), divided out of the features' gradient (a power of two: exact)."""
+        if self._features is None:
+            raise RuntimeError("PhasedChunks.backward without a forward")
+        features, crops, self._crops, self._features = self._features, self._crops, (), None
+        backward(loss)
+        grad = features.grad if grad_scale == 1.0 else features.grad / grad_scale
+        for i, (c, g) in enumerate(zip(crops, grad.split(self.chunk), strict=True)):
+            before_chunk(i, len(crops))
+            out = self.call(c, part="base_features")
+            backward((out * g.to(out.dtype)).sum())

@@ -53,13 +53,16 @@ class MoCo(nn.Module):
         self.backbone_chunk = 0
 
     def set_backbone_chunk(self, chunk: int) -> None:
-        """Run the backbones in chunks of `chunk` images (0: off); see models/chunking.py."""
+        """Run the backbones in chunks of `chunk` images (0: off) inside `forward`; see models/chunking.py."""
+        self.check_backbone_chunk(chunk)
+        self.backbone_chunk = chunk
+
+    def check_backbone_chunk(self, chunk: int) -> None:
         if chunk < 0:
             raise ValueError(f"backbone chunk must be 0 (off) or a positive number of images, got {chunk}")
         if chunk and not self.batch_views:
             raise ValueError("--backbone-chunk needs a backbone without BatchNorm (a ViT): chunking a ResNet "
                              "would compute its BN statistics per chunk and change the result")
-        self.backbone_chunk = chunk
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the optimizer updates: base encoder and predictor, without frozen parameters."""
@@ -86,8 +89,19 @@ class MoCo(nn.Module):
         head = projector(encoder)
         return head(f1), head(f2)
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, m: float | None = None) -> torch.Tensor:
-        """Momentum update with m (skipped when None: an engine did it), then the symmetric loss."""
+    def forward(self, *inputs: torch.Tensor, m: float | None = None, part: str = "loss") -> torch.Tensor:
+        """part "loss" (x1, x2): momentum update with m (skipped when None: an engine did it), then the
+        symmetric loss. The phased chunked step (models/chunking.py) calls the other parts one at a time,
+        through the engine's wrapped module so that its parameter-gathering hooks run:
+        "base_features" / "momentum_features" (crops), "loss_from_features" (features of both views)."""
+        if part in ("base_features", "momentum_features"):  # a copy: a view would carry FSDP2's hook poorly
+            encoder = self.base_encoder if part == "base_features" else self.momentum_encoder
+            return backbone_features(encoder, *inputs).clone()
+        if part == "loss_from_features":
+            return self.loss_from_features(*inputs)
+        if part != "loss":
+            raise ValueError(f"unknown MoCo forward part {part!r}")
+        x1, x2 = inputs
         if m is not None:
             self.update_momentum(m)
         z1, z2 = self.encode(self.base_encoder, x1, x2)
@@ -96,6 +110,15 @@ class MoCo(nn.Module):
             k1, k2 = self.encode(self.momentum_encoder, x1, x2)
         return symmetric_loss(q1, q2, k1, k2, self.temperature)
 
+    def loss_from_features(self, features: torch.Tensor, momentum_features: torch.Tensor) -> torch.Tensor:
+        """The loss from backbone features of both views stacked (view 1 first): heads per view, as `forward`."""
+        head = projector(self.base_encoder)
+        z1, z2 = (head(f) for f in features.chunk(2))
+        q1, q2 = self.predictor(z1), self.predictor(z2)
+        with torch.no_grad():
+            head_m = projector(self.momentum_encoder)
+            k1, k2 = (head_m(f) for f in momentum_features.chunk(2))
+        return symmetric_loss(q1, q2, k1, k2, self.temperature)
 
 def _without_head(encoder: nn.Module) -> list[nn.Module]:
     head = projector(encoder)

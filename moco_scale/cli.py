@@ -9,6 +9,8 @@ COMMANDS = {
     "lincls": ("moco_scale.lincls", "linear evaluation on frozen features (MoCo v3's protocol)"),
     "probe": ("moco_scale.probe", "kNN and linear probe of frozen features (pretrained vs random init)"),
     "hostfile": ("moco_scale.hostfile", "check a DeepSpeed hostfile (hosts, slots, master) before launching"),
+    "report": ("moco_scale.report", "PNG plots and a Markdown summary of a pretraining run"),
+    "plan": ("moco_scale.plan", "per-GPU memory and communication of a setup, before paying for it"),
     "convert": ("moco_scale.convert", "a checkpoint to the reference layout, DeiT, timm or torchvision"),
 }
 

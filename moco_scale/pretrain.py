@@ -42,6 +42,7 @@ from moco_scale.dist import (
     world_size_from_env,
 )
 from moco_scale.engines import build_engine, load_engine_config, needs_process_group
+from moco_scale.flops import peak_tflops, step_flops_per_image
 from moco_scale.models import ARCHS, UnknownArchError, build_moco
 from moco_scale.models.vit import VIT_ARCHS
 from moco_scale.optim import OPTIMIZERS
@@ -97,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     own.add_argument("--embed-dim", type=int, default=None, help="ViT size override")
     own.add_argument("--depth", type=int, default=None, help="ViT size override")
     own.add_argument("--num-heads", type=int, default=None, help="ViT size override")
+    own.add_argument("--peak-tflops", type=float, default=None, metavar="T",
+                     help="the device's peak TFLOP/s per GPU for MFU (default: known for A100/H100/H200/V100)")
     own.add_argument("--backbone-chunk", type=int, default=None, metavar="K",
                      help="run the ViT backbone over chunks of K images with recomputation: memory follows K, "
                      "the gradients do not change (default: the engine JSON's backbone_chunk, 0 = off)")
@@ -333,7 +336,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    f"({engine.precision}), output {args.output_dir}")
     if resume is not None:
         logger.message(f"resumed from {resume[1]} at step {step} (epoch {start_epoch}, batch {start_iter})")
-    meter, last_loss, started = Throughput(), float("nan"), time.time()
+    flops = step_flops_per_image(model_kwargs(args))["train"]
+    peak = args.peak_tflops if args.peak_tflops else peak_tflops(ctx.device, engine.precision)
+    meter = Throughput(ctx.world_size, ctx.device, flops, peak, total_steps, step)
+    # the first layer's gradient: the instability the paper reports (loss dips) shows there first
+    watch = tuple(n for n in ("base_encoder.patch_embed.proj.weight", "base_encoder.conv1.weight")
+                  if n in dict(model.named_parameters()) and model.get_parameter(n).requires_grad)
+    last_loss, started = float("nan"), time.time()
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth.tar")
     stop, interrupted = StopRequest(ctx), False
     for epoch in range(start_epoch, args.epochs):
@@ -346,15 +355,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ep = epoch + i / iters
             lr = schedules.learning_rate(ep, base_lr, args.epochs, args.warmup_epochs)
             m = schedules.momentum(ep, args.moco_m, args.epochs, args.moco_m_cos)
-            loss = engine.train_step(x1, x2, lr, m)
+            logging = (step + 1) % args.print_freq == 0 or step + 1 == total_steps
+            loss = engine.train_step(x1, x2, lr, m, watch=watch if logging else ())
             step += 1
             meter.add(args.batch_size, data_wait)
             logger.advance()
-            if step % args.print_freq == 0 or step == total_steps:
+            if logging:
                 last_loss = mean_across_ranks(loss).item()
                 if not math.isfinite(last_loss):
                     raise FloatingPointError(f"loss is {last_loss} at step {step} (epoch {ep:.3f})")
-                logger.log({"step": step, "epoch": ep, "loss": last_loss, "lr": lr, "moco_m": m, **meter.read()})
+                norms = {f"grad_norm/{n.removeprefix('base_encoder.')}": v for n, v in engine.last_grad_norms.items()}
+                logger.log({"step": step, "epoch": ep, "loss": last_loss, "lr": lr, "moco_m": m, **norms,
+                            **meter.read()})
             if step == total_steps:
                 break
             if stop.agreed():

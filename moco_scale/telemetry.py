@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 
@@ -36,10 +38,14 @@ class RunLogger:
         self.jsonl.write(json.dumps({**metrics, "time": time.time()}) + "\n")
         self.jsonl.flush()
         for key, value in metrics.items():
-            if key != "step" and isinstance(value, int | float):
+            if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
                 self.tb.add_scalar(f"train/{key}", value, metrics["step"])
-        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                             img_s=f"{metrics['img_per_s']:.1f}", refresh=False)
+        postfix = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}", "m": f"{metrics['moco_m']:.4f}",
+                   "img/s": f"{metrics['img_per_s']:.1f}", "/rank": f"{metrics['img_per_s_per_rank']:.1f}",
+                   "data": f"{100 * metrics['data_wait_frac']:.0f}%", "mem": f"{metrics['peak_mem_gib']:.1f}G"}
+        if metrics.get("mfu") is not None:
+            postfix["mfu"] = f"{100 * metrics['mfu']:.1f}%"
+        self.bar.set_postfix(postfix, refresh=False)
 
     def message(self, text: str) -> None:
         if self.enabled:
@@ -53,22 +59,43 @@ class RunLogger:
 
 
 class Throughput:
-    """Images per second and the share of time spent waiting for data, between two logs."""
+    """Speed between two logs: images/s in total and per rank, the share of time spent waiting for data,
+    MFU (model FLOPs over the device's peak, where known), this rank's peak memory, time left."""
 
-    def __init__(self) -> None:
+    def __init__(self, world: int, device: torch.device, flops_per_image: float, peak_tflops: float | None,
+                 total_steps: int, done_steps: int) -> None:
+        self.world, self.device = world, device
+        self.flops_per_image, self.peak = flops_per_image, peak_tflops
+        self.steps_left = total_steps - done_steps
         self.reset()
 
     def reset(self) -> None:
         self.start = time.perf_counter()
-        self.images = 0
+        self.images = self.steps = 0
         self.data_wait = 0.0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     def add(self, images: int, data_wait: float) -> None:
         self.images += images
+        self.steps += 1
+        self.steps_left -= 1
         self.data_wait += data_wait
 
-    def read(self) -> dict[str, float]:
+    def read(self) -> dict[str, float | None]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        out = {"img_per_s": self.images / elapsed, "data_wait_frac": self.data_wait / elapsed}
+        img_s = self.images / elapsed
+        achieved = img_s * self.flops_per_image / self.world  # FLOP/s per rank
+        out = {"img_per_s": img_s, "img_per_s_per_rank": img_s / self.world, "data_wait_frac": self.data_wait / elapsed,
+               "tflops_per_rank": achieved / 1e12, "mfu": achieved / (self.peak * 1e12) if self.peak else None,
+               "peak_mem_gib": peak_memory_gib(self.device),
+               "eta_s": self.steps_left * elapsed / max(self.steps, 1)}
         self.reset()
         return out
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak since the last reset on CUDA (allocated by torch); on CPU the process's peak resident size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux

@@ -39,6 +39,7 @@ class Engine(ABC):
     model: MoCo
     optimizer: torch.optim.Optimizer
     precision: str
+    last_grad_norms: dict[str, float] = {}  # replaced by each train_step, never mutated
 
     @abstractmethod
     def update_momentum(self, m: float) -> None:
@@ -56,11 +57,19 @@ class Engine(ABC):
     def step(self, lr: float) -> None:
         """One optimizer step at learning rate `lr`, then clear the gradients."""
 
-    def train_step(self, x1: torch.Tensor, x2: torch.Tensor, lr: float, m: float) -> torch.Tensor:
-        """One MoCo v3 iteration in the reference's order: momentum update, loss, backward, step."""
+    @abstractmethod
+    def grad_norm(self, name: str) -> float:
+        """L2 norm of the averaged, unscaled gradient of parameter `name` between backward and step (a
+        collective under sharding: call it on every rank)."""
+
+    def train_step(self, x1: torch.Tensor, x2: torch.Tensor, lr: float, m: float,
+                   watch: tuple[str, ...] = ()) -> torch.Tensor:
+        """One MoCo v3 iteration in the reference's order: momentum update, loss, backward, step.
+        The gradient norms of the parameters named in `watch` are left in `last_grad_norms`."""
         self.update_momentum(m)
         loss = self.forward(x1, x2)
         self.backward(loss)
+        self.last_grad_norms = {name: self.grad_norm(name) for name in watch}
         self.step(lr)
         return loss.detach()
 

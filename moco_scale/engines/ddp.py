@@ -67,6 +67,13 @@ class DDPEngine(Engine):
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def grad_norm(self, name: str) -> float:
+        grad = self.model.get_parameter(name).grad
+        if grad is None:
+            return 0.0
+        norm = grad.float().norm().item()
+        return norm / self.scaler.get_scale() if self.scaler.is_enabled() else norm
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
 

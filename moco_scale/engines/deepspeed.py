@@ -277,6 +277,13 @@ class DeepSpeedEngine(Engine):
         self.set_lr(lr)
         self.ds.step()
 
+    def grad_norm(self, name: str) -> float:
+        from deepspeed.utils import safe_get_full_grad
+
+        p = self.model.get_parameter(name)
+        grad = p.grad if self.stage == 0 and self._dtype is None else safe_get_full_grad(p)  # unscaled
+        return 0.0 if grad is None else grad.float().norm().item()
+
     # -- state --------------------------------------------------------------------------------------
     def _full_base(self, p: torch.nn.Parameter) -> torch.Tensor:
         """The fp32 master of a trainable base/predictor parameter (a collective in 16-bit or ZeRO-3)."""

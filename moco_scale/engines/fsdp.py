@@ -128,6 +128,13 @@ class FSDPEngine(Engine):
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def grad_norm(self, name: str) -> float:
+        grad = self.model.get_parameter(name).grad
+        if grad is None:
+            return 0.0
+        norm = _full(grad.float().norm()).item()  # a DTensor's norm is reduced over the shards
+        return norm / self.scaler.get_scale() if self.scaler is not None else norm
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every rank gathers every tensor (a collective in the same order everywhere)."""
         return {k: _full(v) for k, v in self.model.state_dict().items()}

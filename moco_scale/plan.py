@@ -1,0 +1,353 @@
+"""`moco-scale plan`: per-GPU memory and communication of a setup, before paying for it.
+
+Model state (parameters, gradients, optimizer state, momentum encoder) follows each engine's
+layout exactly, from the model's parameter shapes: replicated (DDP, ZeRO-0), dim-0 row shards
+(FSDP2), flat partitions padded to 2 x world (ZeRO-1/2), per-parameter ceil(n / world) slices
+(ZeRO-3). A test holds these figures equal to the tensors the engines allocate. Activations are
+the bytes autograd saves for one crop, counted on CPU from a real forward (saved-tensor hooks,
+each storage once) and scaled by the crops a rank holds at a time; 16-bit halves them. They are
+an estimate: allocator fragmentation and kernels' workspace are not in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moco_scale.config import ConfigError
+from moco_scale.engines import load_engine_config
+from moco_scale.models import ARCHS, MoCo, backbone_blocks, backbone_features, build_moco, projector
+
+GIB = 2**30
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Shapes:
+    """Parameter shapes by role, in the order the engines see them."""
+
+    trainable: list[torch.Size]  # base encoder then predictor, requires_grad (what the optimizer updates)
+    frozen: list[torch.Size]  # base/predictor parameters without gradient (fixed position embedding, ...)
+    momentum: list[torch.Size]  # every momentum-encoder parameter
+    momentum_twins: list[torch.Size]  # momentum twins of trainable base-encoder parameters (updated by the EMA)
+
+
+def model_shapes(model: MoCo) -> Shapes:
+    trainable = model.trainable_parameters()
+    ids = {id(p) for p in trainable}
+    frozen = [p.shape for p in (*model.base_encoder.parameters(), *model.predictor.parameters()) if id(p) not in ids]
+    twins = [m.shape for m, b in zip(model.momentum_encoder.parameters(), model.base_encoder.parameters(), strict=True)
+             if b.requires_grad]
+    return Shapes([p.shape for p in trainable], frozen, [p.shape for p in model.momentum_encoder.parameters()], twins)
+
+
+def _numel(shapes: list[torch.Size]) -> int:
+    return sum(math.prod(s) for s in shapes)
+
+
+def _fsdp_shard(shape: torch.Size, world: int, rank: int) -> int:
+    """Elements of `shape` on `rank` under FSDP2's dim-0 chunking (torch.chunk: ceil-sized row blocks)."""
+    if len(shape) == 0:
+        return 1 if rank == 0 else 0
+    rows = math.ceil(shape[0] / world)
+    mine = max(0, min(rows, shape[0] - rank * rows))
+    return mine * math.prod(shape[1:])
+
+
+def _z3_part(shapes: list[torch.Size], world: int) -> int:
+    return sum(math.ceil(math.prod(s) / world) for s in shapes)
+
+
+def engine_kind(cfg: dict[str, Any]) -> str:
+    return f"zero{cfg['zero_stage']}" if cfg["engine"] == "deepspeed" else cfg["engine"]
+
+
+def resolve_precision(cfg: dict[str, Any], override: str | None = None) -> str:
+    """The precision a GPU run of `cfg` trains in ('auto' resolved as the engines do on a bf16 GPU)."""
+    if override and override != "auto":
+        return override
+    if cfg["engine"] == "deepspeed":
+        ds = cfg["deepspeed"]
+        for key in ("bf16", "fp16"):
+            enabled = ds.get(key, {}).get("enabled", False)
+            if enabled is True or (enabled == "auto" and key == "bf16"):
+                return key
+        return "fp32"
+    precision = cfg.get("precision", "auto")
+    if precision == "auto":
+        return "fp16" if cfg["engine"] == "ddp" else "bf16"
+    return precision
+
+
+def model_state_bytes(shapes: Shapes, cfg: dict[str, Any], world: int, rank: int = 0, precision: str = "fp32",
+                      optimizer: str = "adamw") -> dict[str, int]:
+    """Bytes of parameters, gradients, optimizer state and momentum encoder that stay allocated on `rank`.
+
+    Optimizer state: AdamW's two moments and one 0-d step per parameter tensor (one per flat partition under
+    ZeRO), LARS's heavy-ball buffer; plus the fp32 masters an engine keeps beside 16-bit (or, in ZeRO 1-3, its
+    own copy of fp32) parameters. The momentum encoder includes its fp32 copy where the module holds 16 bits.
+    """
+    kind = engine_kind(cfg)
+    low = precision in ("bf16", "fp16")
+    c = 2 if low and kind.startswith("zero") else 4  # DDP autocasts and FSDP casts on the fly: fp32 storage
+    moments = 2 if optimizer == "adamw" else 1
+    steps = 4 if optimizer == "adamw" else 0  # AdamW's 0-d float32 step, per tensor it updates
+    n_t, n_f, n_m = _numel(shapes.trainable), _numel(shapes.frozen), _numel(shapes.momentum)
+    if kind == "ddp" or (kind == "zero0" and not low):
+        return {"parameters": 4 * (n_t + n_f), "gradients": 4 * n_t, "momentum": 4 * n_m,
+                "optimizer": 4 * moments * n_t + steps * len(shapes.trainable)}
+    if kind == "zero0":  # 16-bit module, whole fp32 masters (and an fp32 momentum copy) on every rank
+        return {"parameters": c * (n_t + n_f), "gradients": c * n_t,
+                "momentum": c * n_m + 4 * _numel(shapes.momentum_twins),
+                "optimizer": 4 * n_t + 4 * moments * n_t + steps * len(shapes.trainable)}
+    if kind == "fsdp":
+        local = lambda shapes_: sum(_fsdp_shard(s, world, rank) for s in shapes_)  # noqa: E731
+        t = local(shapes.trainable)
+        return {"parameters": 4 * (t + local(shapes.frozen)), "gradients": 4 * t,
+                "momentum": 4 * local(shapes.momentum), "optimizer": 4 * moments * t + steps * len(shapes.trainable)}
+    if kind in ("zero1", "zero2"):
+        align = 2 * world
+        part = math.ceil(n_t / align) * align // world
+        fragments = max(0, min(part, _numel(shapes.momentum_twins) - rank * part)) if low else 0
+        return {"parameters": c * (n_t + n_f), "gradients": c * part, "momentum": c * n_m + 4 * fragments,
+                "optimizer": 4 * part + 4 * moments * part + steps}
+    if kind == "zero3":
+        part = _z3_part(shapes.trainable, world)
+        offload = bool(cfg["deepspeed"]["zero_optimization"].get("offload_optimizer"))
+        return {"parameters": c * (part + _z3_part(shapes.frozen, world)), "gradients": c * part,
+                "momentum": c * _z3_part(shapes.momentum, world) + (4 * _z3_part(shapes.momentum_twins, world)
+                                                                       if low else 0),
+                "optimizer": 0 if offload else 4 * part + 4 * moments * part + steps}
+    raise ConfigError(f"the planner does not know engine {kind!r}")
+
+
+@dataclass
+class ActivationProfile:
+    """Bytes autograd saves for ONE crop (fp32), by part of the model."""
+
+    blocks: list[int]  # inside each backbone block
+    block_inputs: list[int]  # each block's input (what activation checkpointing keeps)
+    backbone_rest: int  # patch embedding / stem, final norm, pooling
+    heads: int  # projector and predictor
+    features: int = 0  # the backbone feature of one crop
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+def activation_profile(model_kwargs: dict[str, Any]) -> ActivationProfile:
+    """Count saved tensors of a real fp32 forward of two crops on CPU, each storage once, parameters excluded.
+    (Two crops: BatchNorm in training mode needs more than one value per channel.)"""
+    torch.manual_seed(0)
+    model = build_moco(**model_kwargs)
+    encoder = model.base_encoder
+    blocks = backbone_blocks(encoder)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: set[int] = set()
+    region = ["rest"]
+    totals: dict[str, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and ptr not in seen:
+            seen.add(ptr)
+            totals[region[0]] = totals.get(region[0], 0) + t.untyped_storage().nbytes()
+        return t
+
+    inputs: list[int] = []
+    hooks = []
+    for i, block in enumerate(blocks):
+        def enter(_m, args, i=i):
+            region[0] = f"block{i}"
+            inputs.append(args[0].nbytes)
+
+        def leave(_m, _args, _out):
+            region[0] = "rest"
+        hooks += [block.register_forward_pre_hook(enter), block.register_forward_hook(leave)]
+    size = model_kwargs.get("img_size", 224)
+    x = torch.randn(2, 3, size, size)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        features = backbone_features(encoder, x)
+        region[0] = "heads"
+        model.predictor(projector(encoder)(features))
+    for h in hooks:
+        h.remove()
+    return ActivationProfile(blocks=[totals.get(f"block{i}", 0) // 2 for i in range(len(blocks))],
+                             block_inputs=[n // 2 for n in inputs], backbone_rest=totals.get("rest", 0) // 2,
+                             heads=totals.get("heads", 0) // 2, features=features[0].nbytes)
+
+
+def activation_bytes(profile: ActivationProfile, crops: int, ac_every: int = 0, chunk: int = 0,
+                     precision: str = "fp32") -> int:
+    """Saved activations on a rank holding `crops` crops (2 per image), with activation checkpointing every
+    `ac_every`-th block and the backbone run in chunks of `chunk` crops (0: off)."""
+    scale = 0.5 if precision in ("bf16", "fp16") else 1.0
+    at_once = min(chunk, crops) if chunk else crops
+    kept = [(not ac_every or (i + 1) % ac_every) for i in range(len(profile.blocks))]
+    per_crop = profile.backbone_rest + sum(b if keep else x for b, x, keep in
+                                           zip(profile.blocks, profile.block_inputs, kept, strict=True))
+    recompute = max((b for b, keep in zip(profile.blocks, kept, strict=True) if not keep), default=0)
+    backbone = at_once * (per_crop + recompute)
+    heads = crops * (profile.heads + (profile.features if chunk else 0))
+    return int(scale * (backbone + heads))
+
+
+def comm_bytes(shapes: Shapes, cfg: dict[str, Any], world: int, precision: str, chunks: int = 1,
+               global_batch: int = 0, moco_dim: int = 256) -> int:
+    """Bytes one rank sends per step (ring algorithms: all-gather and reduce-scatter send (w-1)/w of the
+    whole, all-reduce twice that). Chunks: under ZeRO-3 each chunk gathers and reduces again."""
+    if world == 1:
+        return 0
+    kind = engine_kind(cfg)
+    low = precision in ("bf16", "fp16")
+    ring = (world - 1) / world
+    n_t, n_m = _numel(shapes.trainable) + _numel(shapes.frozen), _numel(shapes.momentum)
+    p = 2 if low else 4  # bytes of a gathered parameter
+    keys = 2 * ring * global_batch * moco_dim * 4  # both views' keys gathered for the InfoNCE
+    if kind in ("ddp", "zero0"):
+        grads = 2 * ring * _numel(shapes.trainable) * (2 if low and kind == "zero0" else 4)
+        return int(grads + keys)
+    if kind == "fsdp":
+        reduce = 4 if cfg.get("reduce_dtype", "fp32") == "fp32" else 2
+        base_gathers = 1 if chunks > 1 or not cfg.get("reshard_after_forward", True) else 2
+        return int(ring * (base_gathers * n_t * p + n_m * p + _numel(shapes.trainable) * reduce) + keys)
+    if kind in ("zero1", "zero2"):
+        momentum = 2 * ring * _numel(shapes.momentum_twins) * 2 if low else 0  # the 16-bit rebuild all-reduce
+        return int(ring * _numel(shapes.trainable) * (p + p) + momentum + keys)
+    grads = ring * _numel(shapes.trainable) * p
+    return int(ring * (chunks * 2 * n_t * p + chunks * n_m * p) + chunks * grads + keys)  # zero3
+
+
+@dataclass
+class Setup:
+    engine_config: str
+    world: int
+    ac_every: int
+    chunk: int
+
+
+def estimate(model_kwargs: dict[str, Any], shapes: Shapes, profile: ActivationProfile, setup: Setup,
+             global_batch: int, precision: str | None = None, optimizer: str = "adamw") -> dict[str, Any]:
+    cfg = load_engine_config(setup.engine_config, global_batch, setup.world)
+    prec = resolve_precision(cfg, precision)
+    crops = 2 * global_batch // setup.world
+    state = model_state_bytes(shapes, cfg, setup.world, 0, prec, optimizer)
+    chunks = math.ceil(crops / setup.chunk) if setup.chunk else 1
+    acts = activation_bytes(profile, crops, setup.ac_every, setup.chunk, prec)
+    acts_plain = activation_bytes(profile, crops, 0, 0, prec)
+    acts_ac = activation_bytes(profile, crops, 1, setup.chunk, prec)
+    extra = 0
+    kind = engine_kind(cfg)
+    if kind == "fsdp" and setup.chunk:  # the backbone stays gathered (compute dtype) with fp32 gradient sums
+        extra = _numel(shapes.trainable) * ((2 if prec != "fp32" else 4) + 4)
+    elif kind.startswith("zero") and kind != "zero0":
+        zero = cfg["deepspeed"].get("zero_optimization", {})
+        extra = int(zero.get("reduce_bucket_size", 5e8)) * (2 if prec != "fp32" else 4)
+    total = sum(state.values()) + acts + extra
+    return {"setup": setup, "engine": kind, "precision": prec, "crops_per_rank": crops, **state,
+            "activations": acts, "activations_no_ac": acts_plain, "activations_ac": acts_ac, "buffers": extra,
+            "total": total, "comm": comm_bytes(shapes, cfg, setup.world, prec, chunks, global_batch,
+                                               model_kwargs.get("moco_dim", 256))}
+
+
+def candidate_setups(world: int, given: Setup) -> list[Setup]:
+    """Cheaper-to-run first: no recomputation, then one recomputed forward (checkpointing or chunks), then both;
+    engines from the least sharded."""
+    configs = [str(REPO / "ds_configs" / f) for f in ("ddp.json", "zero1.json", "zero2.json", "fsdp.json",
+                                                       "zero3.json")]
+    out = []
+    for ac, chunk in ((0, 0), (1, 0), (0, 256), (0, 128), (0, 64), (0, 32), (1, 256), (1, 128), (1, 64), (1, 32)):
+        out += [Setup(c, world, ac, chunk) for c in configs]
+    return [given, *out]
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.3f}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moco-scale plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-a", "--arch", default="vit_base", choices=ARCHS)
+    p.add_argument("-b", "--batch-size", type=int, default=4096, help="global batch (images)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--engine-config", default=str(REPO / "ds_configs" / "zero3.json"))
+    p.add_argument("--activation-checkpointing", type=int, default=None, metavar="N",
+                   help="every N-th block (default: the engine JSON's)")
+    p.add_argument("--backbone-chunk", type=int, default=None, metavar="K", help="(default: the engine JSON's)")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
+    p.add_argument("--headroom", type=float, default=0.1,
+                   help="share of the GPU memory kept free for the CUDA context, kernels' workspace and allocator "
+                   "fragmentation, which the estimate leaves out (default 0.1)")
+    p.add_argument("--precision", default=None, choices=("auto", "fp32", "bf16", "fp16"),
+                   help="(default: what the engine JSON gives on a bf16 GPU)")
+    p.add_argument("--optimizer", default=None, choices=("adamw", "lars"), help="(default: lars for ResNet)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--moco-dim", type=int, default=256)
+    p.add_argument("--moco-mlp-dim", type=int, default=4096)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    world = args.nodes * args.gpus_per_node
+    try:
+        if args.batch_size <= 0 or args.batch_size % world:
+            raise ConfigError(f"global batch -b {args.batch_size} must be a positive multiple of the GPU count "
+                              f"{world} (--nodes {args.nodes} x --gpus-per-node {args.gpus_per_node})")
+        cfg = load_engine_config(args.engine_config, args.batch_size, world)
+    except ConfigError as e:
+        print(f"moco-scale plan: error: {e}", file=sys.stderr)
+        return 2
+    optimizer = args.optimizer or ("adamw" if args.arch.startswith("vit") else "lars")
+    kwargs = {"arch": args.arch, "img_size": args.image_size, "moco_dim": args.moco_dim,
+              "moco_mlp_dim": args.moco_mlp_dim}
+    with torch.device("meta"):
+        shapes = model_shapes(build_moco(**kwargs))
+    profile = activation_profile(kwargs)
+    ac = cfg.get("activation_checkpointing", 0) if args.activation_checkpointing is None \
+        else args.activation_checkpointing
+    chunk = cfg.get("backbone_chunk", 0) if args.backbone_chunk is None else args.backbone_chunk
+    given = Setup(args.engine_config, world, ac, chunk)
+    e = estimate(kwargs, shapes, profile, given, args.batch_size, args.precision, optimizer)
+    budget = (1 - args.headroom) * args.gpu_memory * GIB
+    print(f"# moco-scale plan: {args.arch} {args.image_size}px, global batch {args.batch_size} over {world} GPUs "
+          f"({e['crops_per_rank']} crops per GPU), {Path(args.engine_config).name} ({e['engine']}, {e['precision']}), "
+          f"{optimizer}, activation checkpointing {ac or 'off'}, backbone chunk {chunk or 'off'}")
+    print("| per GPU | GiB |\n|---|---|")
+    rows = [("parameters", e["parameters"]), ("gradients", e["gradients"]), ("optimizer state", e["optimizer"]),
+            ("momentum encoder", e["momentum"]),
+            (f"activations (this setup{', chunk ' + str(chunk) if chunk else ''})", e["activations"]),
+            ("activations without checkpointing, unchunked", e["activations_no_ac"]),
+            ("activations with checkpointing every block", e["activations_ac"]),
+            ("engine buffers (buckets / gathered backbone)", e["buffers"])]
+    for name, value in rows:
+        print(f"| {name} | {_gib(value)} |")
+    verdict = "fits" if e["total"] <= budget else "does NOT fit"
+    print(f"| **total** | **{_gib(e['total'])}** of {args.gpu_memory:g} ({verdict}, keeping "
+          f"{100 * args.headroom:.0f}% free) |")
+    print(f"| sent per GPU per step | {_gib(e['comm'])} |")
+    for w in sorted({2**k for k in range(0, 11) if 2**k <= world} | {world}):
+        if args.batch_size % w:
+            continue
+        fits = [x for x in (estimate(kwargs, shapes, profile, s, args.batch_size, args.precision, optimizer)
+                            for s in candidate_setups(w, Setup(args.engine_config, w, ac, chunk)))
+                if x["total"] <= budget]
+        if fits:
+            s = fits[0]["setup"]
+            print(f"smallest setup that fits: {w} GPU(s) with {Path(s.engine_config).name}, activation "
+                  f"checkpointing {s.ac_every or 'off'}, backbone chunk {s.chunk or 'off'}: "
+                  f"{_gib(fits[0]['total'])} GiB per GPU, {_gib(fits[0]['comm'])} GiB sent per step")
+            break
+    else:
+        print(f"nothing fits in {args.gpu_memory:g} GiB up to {world} GPUs: add GPUs or lower -b")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

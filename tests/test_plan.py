@@ -1,0 +1,107 @@
+"""moco-scale plan: its model-state bytes equal the tensors each engine allocates (counted on every rank at
+world 2 and 4), its activation estimate moves the right way, its command line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import TINY_VIT, engine_config, run_cli, spawn
+
+from moco_scale import build_moco
+from moco_scale.dist import DistContext
+from moco_scale.engines import build_engine, load_engine_config
+from moco_scale.plan import activation_bytes, activation_profile, model_shapes, model_state_bytes
+
+B = 16
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def nbytes(tensors) -> int:
+    return sum(local(t).numel() * t.element_size() for t in tensors if t is not None)
+
+
+def counted(engine) -> dict[str, int]:
+    """Model state as the engine holds it: gradients right after backward, optimizer state after the step."""
+    model, opt = engine.model, getattr(engine, "_ds_optimizer", None)
+    stage = getattr(engine, "stage", None)
+    base = [*model.base_encoder.parameters(), *model.predictor.parameters()]
+    held = (lambda ps: [p.ds_tensor for p in ps]) if stage == 3 else (lambda ps: ps)
+    out = {"parameters": nbytes(held(base)), "momentum": nbytes(held(list(model.momentum_encoder.parameters())))}
+    module_storages = {local(t).untyped_storage().data_ptr() for t in held(list(model.momentum_encoder.parameters()))}
+    out["momentum"] += nbytes([t for t in getattr(engine, "_m32", []) or []
+                               if t is not None and t.untyped_storage().data_ptr() not in module_storages])
+    if stage in (1, 2):
+        out["gradients"] = nbytes(g for group in opt.averaged_gradients.values() for g in group)
+        masters = opt.single_partition_of_fp32_groups
+    elif stage == 3:
+        out["gradients"] = nbytes([opt.grad_partitions_flat_buffer])
+        masters = opt.fp32_partitioned_groups_flat
+    else:
+        out["gradients"] = nbytes(p.grad for p in model.trainable_parameters())
+        masters = []
+    return out, masters
+
+
+def count_engines(ctx: DistContext, configs, precision: str, out_path) -> None:
+    results = {}
+    for config in configs:
+        cfg = load_engine_config(engine_config(config), B, ctx.world_size)
+        if "deepspeed" in cfg:
+            cfg["deepspeed"]["bf16"] = {"enabled": precision == "bf16"}
+        else:
+            cfg["precision"] = precision
+        torch.manual_seed(0)
+        model = build_moco(**TINY_VIT)
+        shapes = model_shapes(model)
+        engine = build_engine(model, "adamw", 0.1, cfg, ctx)
+        x = torch.randn(B // ctx.world_size, 3, 32, 32)
+        engine.update_momentum(0.99)
+        engine.backward(engine.forward(x, x))
+        got, masters = counted(engine)
+        engine.step(1e-3)
+        basic = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        got["optimizer"] = nbytes(t for s in basic.state.values() for t in s.values() if torch.is_tensor(t))
+        got["optimizer"] += nbytes(masters)
+        want = model_state_bytes(shapes, cfg, ctx.world_size, ctx.rank, engine.precision, "adamw")
+        results[config] = {"got": got, "want": want}
+        engine.close()
+    torch.save(results, f"{out_path}.{ctx.rank}")
+
+
+@pytest.mark.parametrize("world,precision", [(2, "fp32"), (4, "fp32"), (2, "bf16")])
+def test_planned_model_state_equals_what_the_engines_hold(world, precision, tmp_path):
+    configs = ["ddp", "fsdp", "zero1", "zero2", "zero3"] if precision == "fp32" else ["fsdp", "zero1", "zero2", "zero3"]
+    spawn(count_engines, world, configs, precision, tmp_path / "counts")
+    for rank in range(world):
+        for config, r in torch.load(tmp_path / f"counts.{rank}").items():
+            assert r["got"] == r["want"], (config, rank, r)
+            assert r["got"]["parameters"] > 0 and r["got"]["optimizer"] > 0, (config, r)
+
+
+def test_activation_estimate_moves_the_right_way():
+    profile = activation_profile({**TINY_VIT, "depth": 4})
+    plain = activation_bytes(profile, crops=64)
+    assert activation_bytes(profile, crops=128) == 2 * plain  # linear in the crops a rank holds
+    assert activation_bytes(profile, crops=64, ac_every=1) < activation_bytes(profile, crops=64, ac_every=2) < plain
+    assert activation_bytes(profile, crops=64, chunk=8) < activation_bytes(profile, crops=64, chunk=32) < plain
+    assert activation_bytes(profile, crops=64, precision="bf16") == plain // 2
+    assert all(b > x > 0 for b, x in zip(profile.blocks, profile.block_inputs, strict=True))
+
+
+def test_plan_command_prints_the_table_and_a_setup_that_fits():
+    res = run_cli(["plan", "-a", "vit_small", "-b", "4096", "--nodes", "1", "--gpus-per-node", "8",
+                   "--engine-config", engine_config("ddp"), "--image-size", "96", "--gpu-memory", "4"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    for row in ("parameters", "gradients", "optimizer state", "momentum encoder", "activations", "**total**",
+                "sent per GPU per step", "smallest setup that fits"):
+        assert row in res.stdout, (row, res.stdout)
+    # 1024 crops of ViT-S at 96 px: about 5.4 GiB of activations in 16 bits; chunking fits even one GPU
+    assert "does NOT fit" in res.stdout and "smallest setup that fits: 1 GPU(s)" in res.stdout, res.stdout
+
+
+def test_plan_names_the_flags_of_a_bad_split():
+    res = run_cli(["plan", "-b", "100", "--nodes", "3", "--gpus-per-node", "8"])
+    assert res.returncode == 2 and "-b 100" in res.stderr and "--nodes 3" in res.stderr, res.stderr

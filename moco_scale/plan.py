@@ -320,11 +320,12 @@ def main(argv: list[str] | None = None) -> int:
           f"({e['crops_per_rank']} crops per GPU), {Path(args.engine_config).name} ({e['engine']}, {e['precision']}), "
           f"{optimizer}, activation checkpointing {ac or 'off'}, backbone chunk {chunk or 'off'}")
     print("| per GPU | GiB |\n|---|---|")
+    with_chunk = f", chunk {chunk}" if chunk else ""
     rows = [("parameters", e["parameters"]), ("gradients", e["gradients"]), ("optimizer state", e["optimizer"]),
             ("momentum encoder", e["momentum"]),
-            (f"activations (this setup{', chunk ' + str(chunk) if chunk else ''})", e["activations"]),
+            (f"activations (this setup{with_chunk})", e["activations"]),
             ("activations without checkpointing, unchunked", e["activations_no_ac"]),
-            ("activations with checkpointing every block", e["activations_ac"]),
+            (f"activations with checkpointing every block{with_chunk}", e["activations_ac"]),
             ("engine buffers (buckets / gathered backbone)", e["buffers"])]
     for name, value in rows:
         print(f"| {name} | {_gib(value)} |")

@@ -4,7 +4,9 @@
     python scripts/bench_chunking.py --device cuda --image-size 224 -a vit_base --batches 256 1024 4096
     python scripts/bench_chunking.py --engine-config ds_configs/fsdp.json   # any engine, world 1
 
-Each setting runs in a fresh process (world 1, AdamW; DDP unless --engine-config). Memory: on CUDA the peak
+Each setting runs in a fresh process (world 1, AdamW; DDP unless --engine-config). The last
+column is `moco-scale plan`'s activation estimate for the same setting, to hold it against the
+measured step memory. Memory: on CUDA the peak
 allocated during the steps; on CPU the peak RSS during the steps minus the RSS before the first
 step (the activations and gradients a step adds on top of the model and optimizer).
 """
@@ -91,8 +93,12 @@ def main() -> None:
     print(f"# bench_chunking: {args.arch} {args.image_size}px {args.precision} on {args.device}, "
           f"{Path(args.engine_config).name} world 1, "
           f"median of {args.steps} steps; an image is two crops, so a chunk of K crops covers K/2 images")
-    print("| images/rank | chunk K | step s | ms/image | step memory GiB |")
-    print("|---|---|---|---|---|")
+    sys.path.insert(0, str(REPO))
+    from moco_scale.plan import activation_bytes, activation_profile
+
+    profile = activation_profile({"arch": args.arch, "img_size": args.image_size, "moco_t": 0.2})
+    print("| images/rank | chunk K | step s | ms/image | step memory GiB | planned activations GiB |")
+    print("|---|---|---|---|---|---|")
     ctx = mp.get_context("spawn")
     for batch in args.batches:
         for chunk in args.chunks:
@@ -110,8 +116,9 @@ def main() -> None:
             if r.get("oom"):
                 print(f"| {batch} | {chunk or 'off'} | OOM | | |", flush=True)
                 continue
+            planned = activation_bytes(profile, 2 * batch, args.activation_checkpointing, chunk, args.precision)
             print(f"| {batch} | {chunk or 'off'} | {r['step_s']:.3f} | {1000 * r['step_s'] / batch:.1f} "
-                  f"| {r['peak_gib']:.2f} |", flush=True)
+                  f"| {r['peak_gib']:.2f} | {planned / 2**30:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@ memory for ViT-S/16 and ViT-B/16 in bf16, per engine, per-GPU batch and activati
 
     python scripts/bench_gpu.py --engines ddp_bf16 fsdp zero3 --batches 64 128 256
 
-MFU = FLOPs of one step (counted by torch.utils.flop_counter on the plain model: base encoder
-forward and backward on both views, heads, momentum encoder forward) / step time / the GPU's
-dense bf16 peak (known for A100, H100, H200; otherwise MFU is left out).
+MFU = model FLOPs of one step (moco_scale.flops: counted by torch.utils.flop_counter from the
+model's shapes: base encoder forward and backward on both views, heads, momentum encoder forward;
+recomputation not counted) / step time / the GPU's dense bf16 peak (known for A100, H100, H200,
+V100; otherwise MFU is left out). The same figure the training run logs as `mfu`.
 """
 
 from __future__ import annotations
@@ -26,27 +27,7 @@ sys.path.insert(0, str(REPO))
 from moco_scale import build_moco  # noqa: E402
 from moco_scale.dist import init_distributed  # noqa: E402
 from moco_scale.engines import build_engine, load_engine_config  # noqa: E402
-
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, SXM
-
-
-def peak_flops() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
-
-
-def step_flops(arch: str, batch: int, size: int) -> float:
-    """FLOPs of one MoCo v3 step, counted on the plain model (bf16 autocast, no engine)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = build_moco(arch, img_size=size, moco_dim=256, moco_mlp_dim=4096, moco_t=0.2).cuda()
-    x = torch.randn(batch, 3, size, size, device="cuda")
-    with FlopCounterMode(display=False) as counter, torch.autocast("cuda", torch.bfloat16):
-        model(x, x).backward()
-    del model
-    return float(counter.get_total_flops())
+from moco_scale.flops import peak_tflops, step_flops_per_image  # noqa: E402
 
 
 def measure(engine_name: str, arch: str, batch: int, size: int, ac: int, ctx, steps: int) -> dict:
@@ -93,14 +74,15 @@ def main() -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
     ctx = init_distributed("cuda", 600, require_group=True)
-    peak = peak_flops()
+    peak_t = peak_tflops(ctx.device, "bf16")
+    peak = peak_t * 1e12 if peak_t else None
     print(f"# bench_gpu: {torch.cuda.get_device_name()}, bf16, {args.image_size}px, median of {args.steps} steps, "
-          f"peak bf16 {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s")
+          f"peak bf16 {peak_t or float('nan'):.0f} TFLOP/s")
     print("| arch | engine | batch/GPU | act. ckpt | step s | img/s | TFLOP/s | MFU | peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for arch in args.archs:
         for batch in args.batches:
-            flops = step_flops(arch, batch, args.image_size)
+            flops = batch * step_flops_per_image({"arch": arch, "img_size": args.image_size})["train"]
             for engine_name in args.engines:
                 for ac in args.ac:
                     try:

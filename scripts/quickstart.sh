@@ -23,4 +23,5 @@ deepspeed --num_gpus "$NPROC" --master_port "$PORT" --module moco_scale.pretrain
 moco-scale probe --pretrained "$OUT/checkpoint.pth.tar"
 # the MoCo v3 linear evaluation protocol, short: 10 epochs, parameter-free BN before the classifier
 moco-scale lincls --pretrained "$OUT/checkpoints" --epochs 10 -b 256 --bn -j 0 --output-dir "$OUT/lincls"
-echo "run folder: $OUT (config.json, metrics.jsonl, tensorboard/, checkpoints/, checkpoint.pth.tar, probe.json, lincls/)"
+moco-scale report "$OUT"   # loss, lr, m, throughput, memory and gradient-norm plots, report.md
+echo "run folder: $OUT (config.json, metrics.jsonl, tensorboard/, checkpoints/, checkpoint.pth.tar, probe.json, lincls/, report/)"

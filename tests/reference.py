@@ -98,6 +98,8 @@ class Oracle:
         self.lars = optimizer == "lars"
         self.opt = OracleLARS(params, wd) if self.lars else torch.optim.AdamW(params, lr=0.0, weight_decay=wd)
         self.t = 0
+        #: per step, the gradient norm of the first layer (ViT patch embedding / ResNet conv1), as the run logs it
+        self.first_layer_grad_norms: list[dict[str, float]] = []
 
     def step(self, x1: torch.Tensor, x2: torch.Tensor) -> float:
         ep = self.t / self.iters
@@ -117,6 +119,8 @@ class Oracle:
         else:
             self.opt.zero_grad()
         loss.backward()
+        self.first_layer_grad_norms.append({n: p.grad.norm().item() for n, p in self.base.named_parameters()
+                                            if n in ("patch_embed.proj.weight", "conv1.weight") and p.grad is not None})
         if self.lars:
             self.opt.lr = lr
         else:

@@ -56,18 +56,25 @@ def oracle(arch: str):
     o = Oracle(model.base_encoder, model.momentum_encoder, model.predictor, T=model.temperature, optimizer="lars",
                base_lr=LR, wd=1e-6, batch=B, epochs=EPOCHS, warmup=WARMUP, m0=0.99, m_cos=True,
                iters_per_epoch=1437 // B)
-    return o.train(batches), o.state_dict()
+    return o.train(batches), o.state_dict(), o.first_layer_grad_norms
 
 
 @pytest.mark.parametrize("arch", ["vit", "resnet"])
 def test_every_launch_matches_the_oracle(runs, arch):
-    want_losses, want_state = oracle(arch)
+    """Losses, final state, and the first layer's gradient norm logged at every step (summed over ranks and
+    shards by each engine) against the plain single-process computation."""
+    want_losses, want_state, want_norms = oracle(arch)
     for (a, _), d in runs.items():
         if a != arch:
             continue
         losses, state, _ = read_run(d)
         assert_losses_close(losses, want_losses)
         assert_states_close(state, want_state, atol=1e-6)  # zero-mean BN statistics are fp32 noise
+        rows = [json.loads(line) for line in open(d / "metrics.jsonl")]
+        for row, want in zip(rows, want_norms, strict=True):
+            assert want and len([k for k in row if k.startswith("grad_norm/")]) == len(want)
+            for name, value in want.items():
+                assert row[f"grad_norm/{name}"] == pytest.approx(value, rel=1e-4), (d.name, row["step"], name)
 
 
 def test_run_output(runs):
@@ -78,7 +85,11 @@ def test_run_output(runs):
     assert cfg["resolved"]["lr"] == pytest.approx(LR * B / 256) and cfg["engine"]["engine"] == "ddp"
     rows = [json.loads(line) for line in open(d / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert {"step", "epoch", "loss", "lr", "moco_m", "img_per_s"} <= set(rows[0])
+    assert {"step", "epoch", "loss", "lr", "moco_m", "img_per_s", "img_per_s_per_rank", "data_wait_frac",
+            "tflops_per_rank", "mfu", "peak_mem_gib", "eta_s"} <= set(rows[0])
+    assert rows[0]["img_per_s_per_rank"] == pytest.approx(rows[0]["img_per_s"] / 2)
+    assert rows[0]["mfu"] is None and rows[0]["tflops_per_rank"] > 0 and rows[0]["peak_mem_gib"] > 0.1  # CPU: no peak
+    assert rows[-1]["eta_s"] == 0 and rows[0]["eta_s"] > 0
     assert rows[0]["lr"] == 0.0 and rows[1]["lr"] > 0 and rows[1]["epoch"] == pytest.approx(1 / 89)
     assert any((d / "tensorboard").iterdir())
     _, _, ckpt = read_run(d)
@@ -86,6 +97,25 @@ def test_run_output(runs):
     prefixes = {k.split(".")[1] for k in ckpt["state_dict"]}
     assert prefixes == {"base_encoder", "momentum_encoder", "predictor"}
     assert json.loads((d / "summary.json").read_text())["steps"] == STEPS
+
+
+def test_report_writes_plots_with_data_and_a_summary(runs, tmp_path):
+    res = run_cli(["report", str(runs["vit", "torchrun-2"]), "--out", str(tmp_path)])
+    assert res.returncode == 0, res.stderr[-2000:]
+    md = (tmp_path / "report.md").read_text()
+    assert "vit_tiny" in md and "world 2" in md and "| loss |" in md
+    for name in ("loss", "lr", "momentum", "throughput", "memory", "grad_norm"):
+        assert f"({name}.png)" in md
+        image = Image.open(tmp_path / f"{name}.png").convert("RGB")
+        assert image.size == (600, 350)
+        # a plotted line: pixels of matplotlib's first colour (tab:blue), not only axes and text
+        blue = sum(1 for r, g, b in image.getdata() if abs(r - 31) < 30 and abs(g - 119) < 30 and abs(b - 180) < 30)
+        assert blue > 50, (name, blue)
+
+
+def test_report_names_a_folder_without_metrics(tmp_path):
+    res = run_cli(["report", str(tmp_path)])
+    assert res.returncode == 2 and f"{tmp_path}/metrics.jsonl does not exist" in res.stderr, res.stderr
 
 
 def test_batch_not_divisible_by_world_size(tmp_path):

@@ -50,27 +50,33 @@ def launcher(config: str, world: int) -> list[str]:
     return deepspeed_launcher(world) if config.startswith("zero") else torchrun(world)
 
 
-def oracle_run(batches):
+def oracle_run(batches, with_grad_norms: bool = False):
     torch.manual_seed(0)
     model = build_moco(**TINY_VIT).to(batches[0][0].dtype)
     o = Oracle(model.base_encoder, model.momentum_encoder, model.predictor, T=model.temperature, optimizer="adamw",
                base_lr=LR, wd=WD, batch=B, epochs=EPOCHS, warmup=WARMUP, m0=0.99, m_cos=True, iters_per_epoch=ITERS)
-    return o.train(batches), o.state_dict(), model.state_dict()
+    out = o.train(batches), o.state_dict(), model.state_dict()
+    return (*out, o.first_layer_grad_norms) if with_grad_norms else out
 
 
 @pytest.fixture(scope="module")
 def oracle():
-    losses, state, init = oracle_run(builtin_batches(B, STEPS))
+    losses, state, init, norms = oracle_run(builtin_batches(B, STEPS), with_grad_norms=True)
     _, state64, _ = oracle_run(builtin_batches(B, STEPS, torch.float64))
     params = {n for n, _ in build_moco(**TINY_VIT).named_parameters()}
-    return losses, state, init, params, noise_only_elements(state, state64, init, params), state64
+    return losses, state, init, params, noise_only_elements(state, state64, init, params), state64, norms
 
 
 def check_against_oracle(run_dir, oracle) -> None:
-    want_losses, want_state, init, params, noise_only, exact = oracle
+    """Losses, final state and the logged patch-embedding gradient norms (each engine's own reduction)."""
+    want_losses, want_state, init, params, noise_only, exact, want_norms = oracle
     losses, state, _ = read_run(run_dir)
     assert_losses_close(losses, want_losses)
     assert_matches_oracle(state, want_state, init, params, noise_only, exact=exact)
+    rows = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
+    for row, want in zip(rows, want_norms, strict=True):
+        got = row["grad_norm/patch_embed.proj.weight"]
+        assert got == pytest.approx(want["patch_embed.proj.weight"], rel=1e-4), (row["step"], got, want)
 
 
 @pytest.mark.parametrize("config", ["ddp", "fsdp", "zero2", "zero3",

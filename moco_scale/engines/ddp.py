@@ -39,11 +39,12 @@ class DDPEngine(Engine):
         model.set_backbone_chunk(config["backbone_chunk"])
         self.module: torch.nn.Module = model
         if ctx.is_distributed and ctx.world_size > 1:
-            # BN statistics are synced, so buffers agree on every rank without a broadcast.
+            # BN statistics are synced, so buffers agree on every rank without a broadcast. Gradients are views
+            # of DDP's all-reduce buckets: one copy of them, not two
             self.module = DistributedDataParallel(
                 model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                 broadcast_buffers=False, bucket_cap_mb=config["bucket_cap_mb"],
-                find_unused_parameters=config["find_unused_parameters"])
+                find_unused_parameters=config["find_unused_parameters"], gradient_as_bucket_view=True)
         self.optimizer = build_optimizer(optimizer, model.trainable_parameters(), weight_decay)
         self.scaler = torch.amp.GradScaler(ctx.device.type, init_scale=2.0**16, growth_interval=2000,
                                            enabled=self.precision == "fp16")

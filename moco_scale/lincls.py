@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="runs/lincls")
     p.add_argument("--resume", default=None, metavar="auto|PATH", help="'auto': DIR/lincls_checkpoint.pth.tar")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    # the deepspeed launcher passes --local_rank; the rank comes from LOCAL_RANK in the environment
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 

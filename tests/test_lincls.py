@@ -1,5 +1,5 @@
 """Linear evaluation: the reported accuracy is what the saved classifier scores on the frozen backbone
-(recomputed here), the same under torchrun at world 2, resumable, and other architectures refused."""
+(recomputed here), the same under the deepspeed launcher at world 2, resumable, and other architectures refused."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import BIN, COMMON_TINY_RUN, engine_config, run_cli, torchrun
+from helpers import BIN, COMMON_TINY_RUN, deepspeed_launcher, engine_config, run_cli
 
 from moco_scale.data import eval_transform, load_digits_split
 from moco_scale.lincls import pretrained_backbone
@@ -41,7 +41,8 @@ def top1_of_saved_classifier(ckpt: str, run_dir) -> float:
 @pytest.mark.parametrize("world", [1, 2])
 def test_lincls_reports_what_its_classifier_scores(pretrained, world, tmp_path):
     ckpt = str(pretrained / "checkpoints" / "step_00000001")  # a resumable folder, consolidated on the fly
-    launcher = [str(BIN / "moco-scale"), "lincls"] if world == 1 else [*torchrun(2)[:-1], "moco_scale.lincls"]
+    # world 2 under the deepspeed launcher, as the README's cluster lines run it (torchrun runs it the same way)
+    launcher = [str(BIN / "moco-scale"), "lincls"] if world == 1 else [*deepspeed_launcher(2)[:-1], "moco_scale.lincls"]
     res = run_cli([ckpt if a == "CKPT" else a for a in ["--pretrained", "CKPT", *LINCLS, "--output-dir",
                                                         str(tmp_path)]], launcher=launcher)
     assert res.returncode == 0, res.stderr[-3000:]

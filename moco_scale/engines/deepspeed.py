@@ -281,8 +281,11 @@ class DeepSpeedEngine(Engine):
         from deepspeed.utils import safe_get_full_grad
 
         p = self.model.get_parameter(name)
-        grad = p.grad if self.stage == 0 and self._dtype is None else safe_get_full_grad(p)  # unscaled
-        return 0.0 if grad is None else grad.float().norm().item()
+        grad = p.grad if self.stage == 0 and self._dtype is None else safe_get_full_grad(p)
+        if grad is None:
+            return 0.0
+        norm = grad.float().norm().item()  # fp16: still multiplied by the loss scale, which step() divides out
+        return norm / self._ds_optimizer.loss_scale if self.precision == "fp16" else norm
 
     # -- state --------------------------------------------------------------------------------------
     def _full_base(self, p: torch.nn.Parameter) -> torch.Tensor:

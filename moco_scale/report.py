@@ -16,7 +16,7 @@ from typing import Any
 
 #: one PNG per panel: (file, title, y label, metrics keys plotted)
 PANELS = (
-    ("loss.png", "loss", "InfoNCE loss (x 2 tau)", ("loss",)),
+    ("loss.png", "loss", "2 tau x InfoNCE, both views summed", ("loss",)),
     ("lr.png", "learning rate", "lr", ("lr",)),
     ("momentum.png", "momentum coefficient m", "m", ("moco_m",)),
     ("throughput.png", "throughput", "images/s", ("img_per_s", "img_per_s_per_rank")),

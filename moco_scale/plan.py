@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,7 @@ def engine_kind(cfg: dict[str, Any]) -> str:
     return f"zero{cfg['zero_stage']}" if cfg["engine"] == "deepspeed" else cfg["engine"]
 
 
-def resolve_precision(cfg: dict[str, Any], override: str | None = None) -> str:
+def gpu_precision(cfg: dict[str, Any], override: str | None = None) -> str:
     """The precision a GPU run of `cfg` trains in ('auto' resolved as the engines do on a bf16 GPU)."""
     if override and override != "auto":
         return override
@@ -136,7 +136,6 @@ class ActivationProfile:
     backbone_rest: int  # patch embedding / stem, final norm, pooling
     heads: int  # projector and predictor
     features: int = 0  # the backbone feature of one crop
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 def activation_profile(model_kwargs: dict[str, Any]) -> ActivationProfile:
@@ -233,7 +232,7 @@ class Setup:
 def estimate(model_kwargs: dict[str, Any], shapes: Shapes, profile: ActivationProfile, setup: Setup,
              global_batch: int, precision: str | None = None, optimizer: str = "adamw") -> dict[str, Any]:
     cfg = load_engine_config(setup.engine_config, global_batch, setup.world)
-    prec = resolve_precision(cfg, precision)
+    prec = gpu_precision(cfg, precision)
     crops = 2 * global_batch // setup.world
     state = model_state_bytes(shapes, cfg, setup.world, 0, prec, optimizer)
     chunks = math.ceil(crops / setup.chunk) if setup.chunk else 1

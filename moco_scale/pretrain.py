@@ -339,9 +339,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     flops = step_flops_per_image(model_kwargs(args))["train"]
     peak = args.peak_tflops if args.peak_tflops else peak_tflops(ctx.device, engine.precision)
     meter = Throughput(ctx.world_size, ctx.device, flops, peak, total_steps, step)
-    # the first layer's gradient: the instability the paper reports (loss dips) shows there first
-    watch = tuple(n for n in ("base_encoder.patch_embed.proj.weight", "base_encoder.conv1.weight")
-                  if n in dict(model.named_parameters()) and model.get_parameter(n).requires_grad)
+    watch = model.first_layer_names()
     last_loss, started = float("nan"), time.time()
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth.tar")
     stop, interrupted = StopRequest(ctx), False

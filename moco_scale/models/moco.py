@@ -64,6 +64,13 @@ class MoCo(nn.Module):
             raise ValueError("--backbone-chunk needs a backbone without BatchNorm (a ViT): chunking a ResNet "
                              "would compute its BN statistics per chunk and change the result")
 
+    def first_layer_names(self) -> tuple[str, ...]:
+        """The trainable first layer of the base encoder (ViT patch embedding, ResNet conv1), whose gradient
+        norm the run logs: the instability the paper reports (loss dips) shows there first."""
+        params = dict(self.named_parameters())
+        return tuple(n for n in ("base_encoder.patch_embed.proj.weight", "base_encoder.conv1.weight")
+                     if n in params and params[n].requires_grad)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the optimizer updates: base encoder and predictor, without frozen parameters."""
         return [p for p in (*self.base_encoder.parameters(), *self.predictor.parameters()) if p.requires_grad]

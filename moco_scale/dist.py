@@ -9,6 +9,7 @@ reference crashes there).
 from __future__ import annotations
 
 import gc
+import math
 import os
 import signal
 from dataclasses import dataclass
@@ -69,14 +70,34 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+#: all-gather into one flat tensor: `all_gather_single` where torch has it (2.14 deprecates the older name),
+#: `all_gather_into_tensor` on torch 2.11-2.13; the same signature, so call sites need no version branch
+all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def cuda_ordinal(local_rank: int, device_count: int) -> int:
+    """The GPU a rank uses: its local rank among the GPUs it sees. Under SLURM with one GPU visible per task
+    (CUDA_VISIBLE_DEVICES set per task) every rank sees one device, ordinal 0, whatever its SLURM_LOCALID."""
+    if device_count < 1:
+        raise ConfigError("--device cuda was asked for, but torch sees no CUDA device")
+    return local_rank % device_count
+
+
+def loader_workers(total: int, local_world_size: int) -> int:
+    """Data-loading workers per rank: `-j` counts the workers of one node, as in the reference, shared by the
+    ranks on that node (64 GPUs on 8 nodes with -j 32: 4 workers per GPU, not 1)."""
+    return max(0, math.ceil(total / max(1, local_world_size)))
+
+
 def _choose_device(device: str, local_rank: int) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+            raise ConfigError("--device cuda was asked for, but torch sees no CUDA device")
+        index = cuda_ordinal(local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     if device != "cpu":
         raise ValueError(f"--device must be auto, cpu or cuda, not {device!r}")
     return torch.device("cpu")

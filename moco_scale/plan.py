@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from moco_scale.config import ConfigError
-from moco_scale.engines import load_engine_config
+from moco_scale.engines import load_engine_config, precision_asked
+from moco_scale.engines.base import resolve_precision
 from moco_scale.models import ARCHS, MoCo, backbone_blocks, backbone_features, build_moco, projector
 
 GIB = 2**30
@@ -69,20 +70,9 @@ def engine_kind(cfg: dict[str, Any]) -> str:
 
 
 def gpu_precision(cfg: dict[str, Any], override: str | None = None) -> str:
-    """The precision a GPU run of `cfg` trains in ('auto' resolved as the engines do on a bf16 GPU)."""
-    if override and override != "auto":
-        return override
-    if cfg["engine"] == "deepspeed":
-        ds = cfg["deepspeed"]
-        for key in ("bf16", "fp16"):
-            enabled = ds.get(key, {}).get("enabled", False)
-            if enabled is True or (enabled == "auto" and key == "bf16"):
-                return key
-        return "fp32"
-    precision = cfg.get("precision", "auto")
-    if precision == "auto":
-        return "fp16" if cfg["engine"] == "ddp" else "bf16"
-    return precision
+    """The precision a GPU run of `cfg` trains in: the engines' rule (engines/base.py) on a bf16 GPU."""
+    requested = override if override and override != "auto" else precision_asked(cfg)
+    return resolve_precision(requested, torch.device("cuda"), bf16_supported=True)
 
 
 def model_state_bytes(shapes: Shapes, cfg: dict[str, Any], world: int, rank: int = 0, precision: str = "fp32",

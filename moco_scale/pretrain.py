@@ -37,6 +37,7 @@ from moco_scale.dist import (
     DistContext,
     StopRequest,
     init_distributed,
+    loader_workers,
     mean_across_ranks,
     shutdown,
     world_size_from_env,
@@ -58,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ImageFolder root holding train/ (default: the built-in digits dataset)")
     ref = p.add_argument_group("reference trainer flags (same meaning as MoCo v3's main_moco.py)")
     ref.add_argument("-a", "--arch", default="resnet50", help=f"one of: {', '.join(ARCHS)}")
-    ref.add_argument("-j", "--workers", type=int, default=32, help="data loading workers in total, split over ranks")
+    ref.add_argument("-j", "--workers", type=int, default=32,
+                     help="data loading workers per node, shared by its ranks (as in the reference)")
     ref.add_argument("--epochs", type=int, default=100)
     ref.add_argument("-b", "--batch-size", type=int, default=4096, help="global batch over all ranks")
     ref.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=0.6,
@@ -295,7 +297,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if resume is not None and resume[0] == "reference":
         load_reference_weights(model, resume[1], resume[2], args.arch)
     engine = build_engine(model, args.optimizer, args.weight_decay, engine_cfg, ctx)
-    workers = max(0, math.ceil(args.workers / ctx.world_size))
+    workers = loader_workers(args.workers, ctx.local_world_size)
     loader = pretrain_loader(dataset, args.batch_size, ctx.world_size, ctx.rank, args.seed, workers,
                              pin_memory=ctx.device.type == "cuda")
     iters = len(loader)

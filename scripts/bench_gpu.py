@@ -1,102 +1,130 @@
-"""Benchmark on one GPU (world 1, in one process): pretraining step time, images/s, MFU and peak
-memory for ViT-S/16 and ViT-B/16 in bf16, per engine, per-GPU batch and activation checkpointing.
+"""Benchmark on one GPU (world 1, one process): pretraining step time, images/s, MFU and peak memory per
+engine, architecture, per-GPU batch, activation checkpointing and memory format, beside the planner's
+estimate of the same setting.
 
-    python scripts/bench_gpu.py --engines ddp_bf16 fsdp zero3 --batches 64 128 256
+    python scripts/bench_gpu.py --engines ddp_bf16 fsdp zero2 zero3 --archs vit_base vit_small --batches 256 128
+    python scripts/bench_gpu.py --archs resnet50 --engines ddp_bf16 --optimizer lars --channels-last 0 1
+    python scripts/bench_gpu.py --tiny --device cpu          # the dry run: tiny shapes, to check the script
 
-MFU = model FLOPs of one step (moco_scale.flops: counted by torch.utils.flop_counter from the
-model's shapes: base encoder forward and backward on both views, heads, momentum encoder forward;
-recomputation not counted) / step time / the GPU's dense bf16 peak (known for A100, H100, H200,
-V100; otherwise MFU is left out). The same figure the training run logs as `mfu`.
+MFU = model FLOPs of one step (moco_scale.flops: counted by torch.utils.flop_counter from the model's
+shapes: base encoder forward and backward on both views, heads, momentum encoder forward; recomputation
+not counted) / step time / peak, against two peaks: this GPU's measured dense bf16 matmul (8192^3, timed
+here) and its datasheet figure (known for A100, H100, H200, V100). Every row is its own try; rows past
+--budget-s are written as skipped.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
-import os
+import functools
+import itertools
+import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+from gpu_common import REPO, TINY, Table, init_single, measured_matmul_tflops, peak_gib, sync
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from moco_scale import build_moco
+from moco_scale.engines import build_engine, load_engine_config
+from moco_scale.flops import peak_tflops, step_flops_per_image
+from moco_scale.plan import Setup, activation_profile, estimate, model_shapes
 
-from moco_scale import build_moco  # noqa: E402
-from moco_scale.dist import init_distributed  # noqa: E402
-from moco_scale.engines import build_engine, load_engine_config  # noqa: E402
-from moco_scale.flops import peak_tflops, step_flops_per_image  # noqa: E402
+_profiles: dict[str, object] = {}
 
 
-def measure(engine_name: str, arch: str, batch: int, size: int, ac: int, ctx, steps: int) -> dict:
-    cfg = load_engine_config(str(REPO / "ds_configs" / f"{engine_name}.json"), batch, 1)
+def model_kwargs(arch: str, size: int, tiny: bool) -> dict:
+    if tiny:
+        return dict(TINY, moco_t=0.2) if arch.startswith("vit") else dict(arch="resnet_tiny", img_size=32,
+                                                                          moco_dim=32, moco_mlp_dim=64)
+    return dict(arch=arch, img_size=size, moco_dim=256, moco_mlp_dim=4096, moco_t=0.2 if arch.startswith("vit")
+                else 1.0)
+
+
+def planned_gib(kwargs: dict, model, cfg_path: str, batch: int, ac: int, optimizer: str) -> float:
+    key = json.dumps(kwargs, sort_keys=True)
+    if key not in _profiles:
+        _profiles[key] = activation_profile(kwargs)
+    e = estimate(kwargs, model_shapes(model), _profiles[key], Setup(cfg_path, 1, ac, 0), batch, "bf16", optimizer)
+    return e["total"] / 2**30
+
+
+def measure(engine_name: str, kwargs: dict, batch: int, ac: int, channels_last: bool, optimizer: str, ctx,
+            steps: int) -> dict:
+    cfg_path = str(REPO / "ds_configs" / f"{engine_name}.json")
+    cfg = load_engine_config(cfg_path, batch, 1)
     cfg["activation_checkpointing"] = ac
     if cfg["engine"] == "deepspeed":
         cfg["deepspeed"]["bf16"] = {"enabled": True}
     else:
         cfg["precision"] = "bf16"
     torch.manual_seed(0)
-    model = build_moco(arch, img_size=size, moco_dim=256, moco_mlp_dim=4096, moco_t=0.2)
-    torch.cuda.reset_peak_memory_stats()
-    engine = build_engine(model, "adamw", 0.1, cfg, ctx)
-    x1 = torch.randn(batch, 3, size, size, device="cuda")
-    x2 = torch.randn(batch, 3, size, size, device="cuda")
+    model = build_moco(**kwargs)
+    planned = planned_gib(kwargs, model, cfg_path, batch, ac, optimizer)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    size = kwargs["img_size"]
+    x1 = torch.randn(batch, 3, size, size, device=ctx.device).contiguous(memory_format=fmt)
+    x2 = torch.randn(batch, 3, size, size, device=ctx.device).contiguous(memory_format=fmt)
+    engine = build_engine(model, optimizer, 0.1 if optimizer == "adamw" else 1e-6, cfg, ctx)
     times = []
     try:
         for i in range(2 + steps):
-            torch.cuda.synchronize()
+            sync(ctx.device)
             start = time.perf_counter()
             engine.train_step(x1, x2, 1e-4, 0.99)
-            torch.cuda.synchronize()
+            sync(ctx.device)
             if i >= 2:
                 times.append(time.perf_counter() - start)
-        return {"step_s": statistics.median(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+        return {"step_s": statistics.median(times), "peak_gib": peak_gib(ctx.device), "planned_gib": planned}
     finally:
         engine.close()
-        del engine, model
-        gc.collect()
-        torch.cuda.empty_cache()
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engines", nargs="+", default=["ddp_bf16", "fsdp", "zero2", "zero3"])
-    p.add_argument("--archs", nargs="+", default=["vit_small", "vit_base"])
-    p.add_argument("--batches", nargs="+", type=int, default=[64, 128, 256])
+    p.add_argument("--archs", nargs="+", default=["vit_base", "vit_small"])
+    p.add_argument("--batches", nargs="+", type=int, default=[256, 128])
     p.add_argument("--ac", nargs="+", type=int, default=[0, 1], help="activation checkpointing: 0 off, 1 every block")
+    p.add_argument("--channels-last", nargs="+", type=int, default=[0], help="0/1: the memory format (ResNet)")
+    p.add_argument("--optimizer", default="adamw", choices=("adamw", "lars"))
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--tiny", action="store_true", help="the test suite's tiny shapes (for --dry-run)")
+    p.add_argument("--budget-s", type=float, default=float("inf"), help="rows after this many seconds are skipped")
+    p.add_argument("--json", default=None, help="also write the measured rows here (bench_data.py reads them)")
     args = p.parse_args()
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    ctx = init_distributed("cuda", 600, require_group=True)
-    peak_t = peak_tflops(ctx.device, "bf16")
-    peak = peak_t * 1e12 if peak_t else None
-    print(f"# bench_gpu: {torch.cuda.get_device_name()}, bf16, {args.image_size}px, median of {args.steps} steps, "
-          f"peak bf16 {peak_t or float('nan'):.0f} TFLOP/s")
-    print("| arch | engine | batch/GPU | act. ckpt | step s | img/s | TFLOP/s | MFU | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for arch in args.archs:
-        for batch in args.batches:
-            flops = batch * step_flops_per_image({"arch": arch, "img_size": args.image_size})["train"]
-            for engine_name in args.engines:
-                for ac in args.ac:
-                    try:
-                        r = measure(engine_name, arch, batch, args.image_size, ac, ctx, args.steps)
-                    except torch.OutOfMemoryError:
-                        gc.collect()
-                        torch.cuda.empty_cache()
-                        print(f"| {arch} | {engine_name} | {batch} | {ac} | OOM | | | | |", flush=True)
-                        continue
-                    tflops = flops / r["step_s"] / 1e12
-                    mfu = f"{tflops * 1e12 / peak:.1%}" if peak else "n/a"
-                    print(f"| {arch} | {engine_name} | {batch} | {ac} | {r['step_s']:.3f} | "
-                          f"{batch / r['step_s']:.0f} | {tflops:.0f} | {mfu} | {r['peak_gib']:.1f} |", flush=True)
+    ctx = init_single(args.device, 29533)
+    matmul = measured_matmul_tflops(ctx.device)
+    sheet = peak_tflops(ctx.device, "bf16")
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    table = Table(f"bench_gpu: {name}, bf16, {'tiny' if args.tiny else args.image_size} px, median of {args.steps} "
+                  f"steps; peak bf16: measured matmul {matmul:.0f} TFLOP/s, datasheet "
+                  f"{'n/a' if sheet is None else f'{sheet:.0f}'} TFLOP/s",
+                  ["arch", "engine", "batch/GPU", "act. ckpt", "channels_last", "step s", "img/s", "TFLOP/s",
+                   "MFU (measured peak)", "MFU (datasheet)", "peak GiB", "planned GiB"], args.budget_s)
+    rows: list[dict] = []
+
+    def run(arch: str, batch: int, engine_name: str, ac: int, cl: int) -> list[str]:
+        kwargs = model_kwargs(arch, args.image_size, args.tiny)
+        r = measure(engine_name, kwargs, batch, ac, bool(cl), args.optimizer, ctx, args.steps)
+        tflops = batch * step_flops_per_image(kwargs)["train"] / r["step_s"] / 1e12
+        rows.append({"arch": arch, "engine": engine_name, "batch": batch, "ac": ac, "channels_last": cl, **r,
+                     "img_per_s": batch / r["step_s"]})
+        return [f"{r['step_s']:.3f}", f"{batch / r['step_s']:.0f}", f"{tflops:.1f}", f"{tflops / matmul:.1%}",
+                "n/a" if sheet is None else f"{tflops / sheet:.1%}", r["peak_gib"], f"{r['planned_gib']:.1f}"]
+
+    # the most important rows first: the larger model, the larger batch, every engine before checkpointing
+    for arch, batch, ac, engine_name, cl in itertools.product(args.archs, args.batches, args.ac, args.engines,
+                                                              args.channels_last):
+        table.row([arch, engine_name, batch, ac, cl], functools.partial(run, arch, batch, engine_name, ac, cl))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 1 if table.failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

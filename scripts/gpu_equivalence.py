@@ -5,22 +5,15 @@ device, by the test suite's own criteria. Prints one table row per config; exits
 
 from __future__ import annotations
 
-import os
 import sys
-import traceback
-from pathlib import Path
 
 import torch
+from gpu_common import REPO, Table, init_single
+from helpers import TINY_VIT, assert_losses_close, assert_matches_oracle, noise_only_elements, rel_err
+from reference import Oracle
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
-
-from helpers import TINY_VIT, assert_losses_close, assert_matches_oracle, noise_only_elements, rel_err  # noqa: E402
-from reference import Oracle  # noqa: E402
-
-from moco_scale import build_moco, schedules  # noqa: E402
-from moco_scale.dist import init_distributed  # noqa: E402
-from moco_scale.engines import build_engine, load_engine_config  # noqa: E402
+from moco_scale import build_moco, schedules
+from moco_scale.engines import build_engine, load_engine_config
 
 CONFIGS = ["ddp", "fsdp", "fsdp_grad_op", "zero0", "zero1", "zero2", "zero3", "zero3_offload"]
 B, STEPS, ITERS, EPOCHS, WARMUP, LR, WD = 16, 3, 2, 2, 1, 0.05, 0.1
@@ -57,15 +50,23 @@ def run_engine(name: str, batches, ctx) -> tuple[list[float], dict]:
     return losses, state
 
 
+def compare(name: str, batches, ctx, want_losses, want, init, exact, noise, params) -> list[str]:
+    losses, got = run_engine(name, batches, ctx)
+    loss_diff = max(abs(a - b) / abs(b) for a, b in zip(losses, want_losses, strict=True))
+    masked = {k: noise.get(k, torch.zeros_like(want[k], dtype=torch.bool)) for k in params}
+    param_diff = max(rel_err(got[k].masked_fill(masked[k], 0).cpu(), want[k].masked_fill(masked[k], 0).cpu())
+                     for k in params)
+    cpu = lambda d: {k: v.cpu() for k, v in d.items()}  # noqa: E731
+    assert_losses_close(losses, want_losses)
+    assert_matches_oracle(cpu(got), cpu(want), cpu(init), params, cpu(noise), exact=cpu(exact))
+    return [f"{loss_diff:.1e}", f"{param_diff:.1e}", "ok"]
+
+
 def main() -> int:
     device = sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29534"}.items():
-        os.environ.setdefault(k, v)
-    if device == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    ctx = init_distributed(device, 600, require_group=True)
+    ctx = init_single(device, 29534)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(B, 3, 32, 32, generator=g).to(device), torch.randn(B, 3, 32, 32, generator=g).to(device))
                for _ in range(STEPS)]
@@ -74,27 +75,12 @@ def main() -> int:
     params = {n for n, _ in build_moco(**TINY_VIT).named_parameters()}
     noise = noise_only_elements(want, exact, init, params)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    print(f"# gpu_equivalence: {name}, world 1, fp32 (TF32 off), tiny ViT, {STEPS} steps")
-    print("| config | max loss rel. diff | max param rel. diff (zero-gradient elements aside) | result |")
-    print("|---|---|---|---|")
-    failed = 0
-    for name in CONFIGS:
-        try:
-            losses, got = run_engine(name, batches, ctx)
-            loss_diff = max(abs(a - b) / abs(b) for a, b in zip(losses, want_losses, strict=True))
-            masked = {k: noise.get(k, torch.zeros_like(want[k], dtype=torch.bool)) for k in params}
-            param_diff = max(rel_err(got[k].masked_fill(masked[k], 0).cpu(), want[k].masked_fill(masked[k], 0).cpu())
-                             for k in params)
-            assert_losses_close(losses, want_losses)
-            assert_matches_oracle({k: v.cpu() for k, v in got.items()}, {k: v.cpu() for k, v in want.items()},
-                                  {k: v.cpu() for k, v in init.items()}, params,
-                                  {k: v.cpu() for k, v in noise.items()}, exact={k: v.cpu() for k, v in exact.items()})
-            print(f"| {name} | {loss_diff:.1e} | {param_diff:.1e} | ok |", flush=True)
-        except Exception as e:  # report every config, then fail
-            failed += 1
-            traceback.print_exc(file=sys.stderr)
-            print(f"| {name} | | | FAILED: {str(e).splitlines()[0][:80]} |", flush=True)
-    return 1 if failed else 0
+    table = Table(f"gpu_equivalence: {name}, world 1, fp32 (TF32 off), tiny ViT, {STEPS} steps, vs the oracle on "
+                  "the same device", ["config", "max loss rel. diff", "max param rel. diff (zero-gradient elements "
+                                      "aside)", "result"])
+    for config in CONFIGS:
+        table.row([config], lambda c=config: compare(c, batches, ctx, want_losses, want, init, exact, noise, params))
+    return 1 if table.failed else 0
 
 
 if __name__ == "__main__":

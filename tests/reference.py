@@ -1,5 +1,7 @@
 """The oracle: MoCo v3 in one plain process, written from ../shared/MOCO_V3_SPEC.md.
 
+Device-agnostic: it runs wherever the modules it is given live (CPU here, CUDA in scripts/gpu_equivalence.py).
+
 It shares no training code with moco_scale: its own schedules, EMA, InfoNCE (no gather,
 labels = arange), LARS and the reference's call order (base encoder per view, momentum
 update before the keys). It takes the networks (backbone + heads) as built modules and
@@ -45,7 +47,10 @@ def plain_copy(module: nn.Module) -> nn.Module:
         for name, child in m.named_children():
             if isinstance(child, _BatchNorm):
                 bn = PlainBN(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
-                bn.to(child.running_mean.dtype)
+                like = next(itertools.chain((b for b in child.buffers() if b.is_floating_point()),
+                                            child.parameters()), None)
+                if like is not None:
+                    bn.to(device=like.device, dtype=like.dtype)
                 bn.load_state_dict(child.state_dict())
                 for pname, p in child.named_parameters(recurse=False):
                     getattr(bn, pname).requires_grad_(p.requires_grad)
@@ -60,7 +65,7 @@ def plain_copy(module: nn.Module) -> nn.Module:
 def infonce(q: torch.Tensor, k: torch.Tensor, T: float) -> torch.Tensor:
     q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
     logits = torch.einsum("nc,mc->nm", q, k) / T
-    return F.cross_entropy(logits, torch.arange(q.shape[0])) * 2 * T
+    return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device)) * 2 * T
 
 
 class OracleLARS:

@@ -114,7 +114,10 @@ def count_collectives(ctx: DistContext, out_path) -> None:
             return real(*args, **kwargs)
         return counted
 
-    for name in ("all_gather_single", "reduce_scatter_single"):
+    # FSDP2 calls the newer names where torch has them (2.14), all_gather_into_tensor/reduce_scatter_tensor on 2.11
+    names = [new if hasattr(dist, new) else old for new, old in (("all_gather_single", "all_gather_into_tensor"),
+                                                                   ("reduce_scatter_single", "reduce_scatter_tensor"))]
+    for name in names:
         setattr(dist, name, counting(name))
     out = {}
     for chunk in (0, 1, 4, 16):

@@ -9,7 +9,7 @@ from moco_scale.config import ConfigError, load_json, looks_like_deepspeed, vali
 from moco_scale.dist import DistContext
 from moco_scale.engines.base import Engine
 from moco_scale.engines.ddp import DDPEngine
-from moco_scale.engines.deepspeed import DeepSpeedEngine, resolve_deepspeed_config
+from moco_scale.engines.deepspeed import DeepSpeedEngine, requested_precision, resolve_deepspeed_config
 from moco_scale.engines.fsdp import FSDPEngine
 from moco_scale.models import MoCo
 
@@ -39,8 +39,13 @@ def build_engine(model: MoCo, optimizer: str, weight_decay: float, config: dict[
     return ENGINES[config["engine"]](model, optimizer, weight_decay, config, ctx)
 
 
+def precision_asked(config: dict[str, Any]) -> str:
+    """The precision an engine config asks for ("auto", "fp32", "bf16", "fp16"), before the device decides."""
+    return requested_precision(config["deepspeed"]) if config["engine"] == "deepspeed" else config["precision"]
+
+
 def needs_process_group(config: dict[str, Any]) -> bool:
     return ENGINES[config["engine"]].needs_process_group
 
 
-__all__ = ["ENGINES", "Engine", "build_engine", "load_engine_config", "needs_process_group"]
+__all__ = ["ENGINES", "Engine", "build_engine", "load_engine_config", "needs_process_group", "precision_asked"]

@@ -17,10 +17,17 @@ from moco_scale.models import MoCo
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' is the reference's fp16 on CUDA and fp32 elsewhere; fp16 needs CUDA."""
+def resolve_precision(precision: str, device: torch.device, bf16_supported: bool | None = None) -> str:
+    """The one rule every engine follows: "auto" is bf16 on a CUDA GPU that has it (Ampere and later), the
+    reference's fp16 with loss scaling on an older one (V100), fp32 on the CPU. fp16 is reachable by asking
+    for it ("precision": "fp16", or DeepSpeed's fp16 section) and needs CUDA. `bf16_supported` overrides
+    the device query (the planner assumes a bf16 GPU)."""
     if precision == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
+        if device.type != "cuda":
+            return "fp32"
+        if bf16_supported is None:
+            bf16_supported = torch.cuda.is_bf16_supported()
+        return "bf16" if bf16_supported else "fp16"
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("precision fp16 (with loss scaling) needs a CUDA device; use bf16 or fp32 on "
                          f"{device.type}")

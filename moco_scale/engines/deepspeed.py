@@ -33,7 +33,7 @@ from moco_scale.checkpoint import load_checkpoint
 from moco_scale.config import ConfigError, validate
 from moco_scale.dist import DistContext
 from moco_scale.engines.activation_checkpointing import apply_activation_checkpointing
-from moco_scale.engines.base import Engine
+from moco_scale.engines.base import Engine, resolve_precision
 from moco_scale.models import MoCo
 from moco_scale.models.chunking import PhasedChunks
 from moco_scale.optim import build_optimizer
@@ -86,20 +86,32 @@ def resolve_deepspeed_config(raw: dict[str, Any], source: str, global_batch: int
     return {"engine": "deepspeed", "zero_stage": stage, **ours, "deepspeed": cfg}
 
 
-def _resolve_precision(cfg: dict[str, Any], device: torch.device) -> str:
-    """"auto" in the bf16/fp16 sections: bf16 on a GPU that has it, fp32 elsewhere."""
-    for key in ("bf16", "fp16"):
-        section = cfg.get(key)
-        if isinstance(section, dict) and section.get("enabled") == "auto":
-            section["enabled"] = key == "bf16" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    bf16 = bool(cfg.get("bf16", {}).get("enabled", False))
-    fp16 = bool(cfg.get("fp16", {}).get("enabled", False))
-    if bf16 and fp16:
+#: the reference's dynamic loss scaler (init 2^16, growth interval 2000), for an fp16 section "auto" turns on
+_FP16_DEFAULTS = {"initial_scale_power": 16, "loss_scale_window": 2000}
+
+
+def requested_precision(cfg: dict[str, Any]) -> str:
+    """What a DeepSpeed config's bf16/fp16 sections ask for: "enabled": "auto" in either is "auto"."""
+    bf16, fp16 = (cfg.get(k, {}).get("enabled", False) for k in ("bf16", "fp16"))
+    if bf16 is True and fp16 is True:
         raise ConfigError("engine config: 'bf16' and 'fp16' cannot both be enabled")
-    if fp16 and device.type != "cuda":
-        raise ConfigError(f"engine config: fp16 with loss scaling needs a CUDA device; use bf16 or fp32 on "
-                          f"{device.type}")
-    return "bf16" if bf16 else "fp16" if fp16 else "fp32"
+    return "bf16" if bf16 is True else "fp16" if fp16 is True else "auto" if "auto" in (bf16, fp16) else "fp32"
+
+
+def _resolve_precision(cfg: dict[str, Any], device: torch.device) -> str:
+    """The engines' one rule (engines/base.py) for a DeepSpeed config; its sections are rewritten to say what
+    was chosen."""
+    requested = requested_precision(cfg)
+    try:
+        precision = resolve_precision(requested, device)
+    except ValueError as e:
+        raise ConfigError(f"engine config: {e}") from None
+    cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": precision == "bf16"}
+    if precision == "fp16":
+        cfg["fp16"] = {**_FP16_DEFAULTS, **cfg.get("fp16", {}), "enabled": True}
+    elif "fp16" in cfg:
+        cfg["fp16"] = {**cfg["fp16"], "enabled": False}
+    return precision
 
 
 def _unlink_shm_allreduce_buffer(rank: int) -> None:
@@ -115,6 +127,54 @@ def _unlink_shm_allreduce_buffer(rank: int) -> None:
     if dist.is_initialized():
         dist.barrier()  # on every rank, so a missing file on one rank cannot leave the others waiting
     path.unlink(missing_ok=True)
+
+
+def _zero3_gather_stream(ds_optimizer: Any) -> torch.cuda.Stream | None:
+    """The stream ZeRO-3 all-gathers partitions on (None on a synchronised device: the CPU). Private to
+    DeepSpeed 0.19 (pinned in pyproject.toml); a later layout fails here, loudly, not in a silent race."""
+    offload = getattr(ds_optimizer, "parameter_offload", None)
+    name = "_DeepSpeedZeRoOffload__allgather_stream"
+    if offload is None or not hasattr(offload, name):
+        raise RuntimeError("this DeepSpeed version keeps ZeRO-3's all-gather stream elsewhere; moco-scale orders its "
+                           "momentum update before that stream reads the partitions, and needs deepspeed 0.19")
+    return getattr(offload, name)
+
+
+class BatchedCopy:
+    """dst[i].copy_(src[i]) for many tensors as one transfer: where sources and destinations are on different
+    devices (fp32 momentum state on the CPU, 16-bit or fp32 partitions on the GPU under optimizer offload), the
+    sources are cast into one pinned host buffer, copied to the device in one non-blocking transfer, then
+    scattered there; on one device, one multi-tensor copy."""
+
+    def __init__(self, dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+        self.dst, self.src = dst, src
+        self.staged = any(d.device != s.device for d, s in zip(dst, src, strict=True))
+        if not self.staged:
+            return
+        dtypes = {d.dtype for d in dst}
+        if len(dtypes) != 1 or len({d.device for d in dst}) != 1:
+            raise ValueError(f"BatchedCopy stages into one dtype on one device, got {dtypes}")
+        sizes = [d.numel() for d in dst]
+        dtype, device = dtypes.pop(), dst[0].device
+        self.host = torch.empty(sum(sizes), dtype=dtype, pin_memory=device.type == "cuda")
+        self.device_buf = torch.empty(sum(sizes), dtype=dtype, device=device)
+        self.host_views = [v.view_as(s) for v, s in zip(self.host.split(sizes), src, strict=True)]
+        self.device_views = [v.view_as(d) for v, d in zip(self.device_buf.split(sizes), dst, strict=True)]
+        self.done: torch.cuda.Event | None = None
+
+    @torch.no_grad()
+    def run(self) -> None:
+        if not self.staged:
+            torch._foreach_copy_(self.dst, self.src)
+            return
+        if self.done is not None:
+            self.done.synchronize()  # the last transfer has left the host buffer (long since, one step ago)
+        torch._foreach_copy_(self.host_views, self.src)
+        self.device_buf.copy_(self.host, non_blocking=True)
+        torch._foreach_copy_(self.dst, self.device_views)
+        if self.device_buf.device.type == "cuda":
+            self.done = torch.cuda.Event()
+            self.done.record()
 
 
 class DeepSpeedEngine(Engine):
@@ -183,8 +243,15 @@ class DeepSpeedEngine(Engine):
 
         if self.stage == 3:
             self._mode = "partition"
-            self._m32 = [m.ds_tensor if m.ds_tensor.dtype == torch.float32
-                         else safe_get_local_fp32_param(b).detach().clone() for m, b in self._pairs]
+            # the fp32 state sits beside the fp32 masters it is lerped against (on the CPU under optimizer offload);
+            # the momentum parameter's own partition serves where it already is that (fp32, same device)
+            masters = [safe_get_local_fp32_param(b) for _, b in self._pairs]
+            self._m32 = [m.ds_tensor if (m.ds_tensor.dtype, m.ds_tensor.device) == (t.dtype, t.device)
+                         else t.detach().clone() for (m, _), t in zip(self._pairs, masters, strict=True)]
+            copies = [(p.ds_tensor, s) for (p, _), s in zip(self._pairs, self._m32, strict=True)
+                      if p.ds_tensor is not s]
+            self._to_partitions = BatchedCopy([d for d, _ in copies], [s for _, s in copies]) if copies else None
+            self._gather_stream = _zero3_gather_stream(self._ds_optimizer)
         elif self._dtype is None:
             self._mode = "replicated"
         elif self.stage == 0:
@@ -238,10 +305,12 @@ class DeepSpeedEngine(Engine):
 
             masters = [safe_get_local_fp32_param(b) for _, b in self._pairs]
             torch._foreach_lerp_(self._m32, masters, 1.0 - m)
-            copies = [(p.ds_tensor, s) for (p, _), s in zip(self._pairs, self._m32, strict=True)
-                      if p.ds_tensor is not s]
-            if copies:
-                torch._foreach_copy_([d for d, _ in copies], [s.to(d.device) for d, s in copies])
+            if self._to_partitions is not None:
+                self._to_partitions.run()
+            if self._gather_stream is not None:
+                # DeepSpeed all-gathers partitions on its own stream without waiting for the default one, where
+                # the values above were written: without this wait the forward could gather last step's values
+                self._gather_stream.wait_stream(torch.cuda.current_stream())
         else:
             owned = self._owned()
             if owned:
@@ -400,5 +469,5 @@ class DeepSpeedEngine(Engine):
         if self.ds is not None:
             self.ds.destroy()
         self.ds = self._ds_optimizer = self.optimizer = None
-        self._m32 = []
+        self._m32, self._to_partitions = [], None
         gc.collect()

@@ -48,10 +48,7 @@ class FSDPEngine(Engine):
     def __init__(self, model: MoCo, optimizer: str, weight_decay: float, config: dict[str, Any],
                  ctx: DistContext) -> None:
         self.ctx = ctx
-        precision = config["precision"]
-        if precision == "auto":  # FSDP's natural mode on GPU is bf16; the reference's fp16 needs a scaler
-            precision = "bf16" if ctx.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-        self.precision = resolve_precision(precision, ctx.device)
+        self.precision = resolve_precision(config["precision"], ctx.device)
         apply_activation_checkpointing(model, config["activation_checkpointing"])
         model.check_backbone_chunk(config["backbone_chunk"])
         self.model = model.to(ctx.device)

@@ -1,24 +1,29 @@
-"""BatchNorm synchronised across ranks, on gloo (CPU) as well as NCCL.
+"""BatchNorm synchronised across ranks, on NCCL (torch's own kernels) and on gloo (CPU).
 
-torch.nn.SyncBatchNorm refuses CPU tensors in training, and MoCo v3 syncs every
-BN layer (backbone, projector, predictor, both encoders). Each rank computes its
-count, mean and sum of squared deviations; one differentiable all_gather combines
-them (Chan et al.'s parallel variance), so the statistics are those of the global batch and the
-gradient flows back to every rank's inputs.
+MoCo v3 syncs every BN layer (backbone, projector, predictor, both encoders). On CUDA the layer is
+torch's SyncBatchNorm (its fused `batch_norm_stats` / `batch_norm_gather_stats_with_counts` kernels).
+torch's refuses CPU tensors in training, so on CPU each rank computes its count, mean and sum of
+squared deviations and one differentiable all_gather combines them (Chan et al.'s parallel
+variance): the statistics are those of the global batch, and the gradient flows back to every
+rank's inputs. With one rank, or in eval mode, it is a plain BatchNorm.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
+import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules._functions import SyncBatchNorm as _TorchSyncBatchNormFn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
 class SyncBatchNorm(_BatchNorm):
-    """Drop-in for BatchNorm1d/2d/3d; plain BatchNorm when there is one rank or in eval mode."""
+    """Drop-in for BatchNorm1d/2d/3d with torch's SyncBatchNorm semantics on every device.
+
+    Not a subclass of torch.nn.SyncBatchNorm: DDP refuses modules holding one on CPU. On CUDA it runs
+    the autograd function torch's SyncBatchNorm runs."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, process_group=None) -> None:
@@ -44,19 +49,29 @@ class SyncBatchNorm(_BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
         use_batch_stats = self.training or not self.track_running_stats
-        if not use_batch_stats or self._world() == 1:
-            # fp32 at least: a sharding engine may hand in 16-bit inputs and weights, the
-            # running statistics stay fp32
-            xf = x.to(torch.promote_types(x.dtype, torch.float32))
-            factor = self._momentum_factor() if self.training else 0.0
-            return F.batch_norm(
-                xf, self.running_mean if not self.training or self.track_running_stats else None,
-                self.running_var if not self.training or self.track_running_stats else None,
-                None if self.weight is None else self.weight.to(xf.dtype),
-                None if self.bias is None else self.bias.to(xf.dtype), use_batch_stats, factor, self.eps).to(x.dtype)
-        return self._global_batch_norm(x)
+        world = self._world()
+        if use_batch_stats and world > 1:
+            if x.device.type == "cpu":
+                return self._gloo_batch_norm(x)
+            factor = self._momentum_factor()
+            running = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
+            return _TorchSyncBatchNormFn.apply(x, self.weight, self.bias, *running, self.eps, factor,
+                                               self.process_group or dist.group.WORLD, world)
+        return self._local_batch_norm(x, use_batch_stats)
 
-    def _global_batch_norm(self, x: torch.Tensor) -> torch.Tensor:
+    def _local_batch_norm(self, x: torch.Tensor, use_batch_stats: bool) -> torch.Tensor:
+        """One rank's BatchNorm. A 16-bit input stays 16-bit (torch's kernels accumulate in fp32); weights a
+        sharding engine cast to 16 bits are brought to the fp32 of the running statistics (the mixed-type
+        kernel), which stay fp32."""
+        running = self.running_mean if not self.training or self.track_running_stats else None
+        running_var = self.running_var if running is not None else None
+        dtype = running.dtype if running is not None else torch.promote_types(x.dtype, torch.float32)
+        weight = None if self.weight is None else self.weight.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        factor = self._momentum_factor() if self.training else 0.0
+        return F.batch_norm(x, running, running_var, weight, bias, use_batch_stats, factor, self.eps)
+
+    def _gloo_batch_norm(self, x: torch.Tensor) -> torch.Tensor:
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in fp32 at least
@@ -64,8 +79,8 @@ class SyncBatchNorm(_BatchNorm):
         mean = xf.mean(dims)
         m2 = (xf - mean.view(shape)).square().sum(dims)
         local = torch.cat([count, mean, m2])
-        # the functional all_gather carries the gradient back to every rank (reduce-scatter of grads)
-        stats = funcol.all_gather_single(local.unsqueeze(0), 0, self.process_group or dist.group.WORLD)
+        # the autograd all_gather carries the gradient back to every rank (a reduce-scatter of the gradients)
+        stats = torch.stack(dist_fn.all_gather(local, group=self.process_group or dist.group.WORLD))
         counts, means, m2s = stats[:, :1], stats[:, 1:1 + x.shape[1]], stats[:, 1 + x.shape[1]:]
         total = counts.sum()
         g_mean = (counts * means).sum(0) / total

@@ -28,6 +28,11 @@ class _ChunkedParams(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, run: Callable, chunk: int, *params: torch.Tensor) -> torch.Tensor:
         ctx.run, ctx.chunk, ctx.params = run, chunk, params
+        # backward runs outside the step's autocast region: its recomputation re-enters the forward's state,
+        # as torch.utils.checkpoint does, or a bf16 step would recompute (and back-propagate) in fp32
+        device = x.device.type
+        ctx.autocast = dict(device_type=device, dtype=torch.get_autocast_dtype(device),
+                            enabled=torch.is_autocast_enabled(device))
         ctx.save_for_backward(x)
         with torch.no_grad():
             return torch.cat([run(c) for c in x.split(chunk)])
@@ -38,7 +43,7 @@ class _ChunkedParams(torch.autograd.Function):
         inputs = [p for p, need in zip(ctx.params, ctx.needs_input_grad[3:], strict=True) if need]
         total: list[torch.Tensor | None] = [None] * len(inputs)
         for c, g in zip(x.split(ctx.chunk), grad.split(ctx.chunk), strict=True):
-            with torch.enable_grad():
+            with torch.enable_grad(), torch.autocast(**ctx.autocast):
                 out = ctx.run(c.detach())
             for i, gr in enumerate(torch.autograd.grad(out, inputs, g, allow_unused=True)):
                 if gr is not None:  # summed in fp32 at least: 16-bit weights must not lose small chunk sums

@@ -100,8 +100,9 @@ def main() -> int:
     matmul = measured_matmul_tflops(ctx.device)
     sheet = peak_tflops(ctx.device, "bf16")
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    table = Table(f"bench_gpu: {name}, bf16, {'tiny' if args.tiny else args.image_size} px, median of {args.steps} "
-                  f"steps; peak bf16: measured matmul {matmul:.0f} TFLOP/s, datasheet "
+    shapes = "tiny shapes" if args.tiny else f"{args.image_size} px"
+    table = Table(f"bench_gpu: {name}, bf16, {shapes}, median of {args.steps} steps; "
+                  f"peak bf16: measured matmul {matmul:.3g} TFLOP/s, datasheet "
                   f"{'n/a' if sheet is None else f'{sheet:.0f}'} TFLOP/s",
                   ["arch", "engine", "batch/GPU", "act. ckpt", "channels_last", "step s", "img/s", "TFLOP/s",
                    "MFU (measured peak)", "MFU (datasheet)", "peak GiB", "planned GiB"], args.budget_s)
@@ -113,7 +114,7 @@ def main() -> int:
         tflops = batch * step_flops_per_image(kwargs)["train"] / r["step_s"] / 1e12
         rows.append({"arch": arch, "engine": engine_name, "batch": batch, "ac": ac, "channels_last": cl, **r,
                      "img_per_s": batch / r["step_s"]})
-        return [f"{r['step_s']:.3f}", f"{batch / r['step_s']:.0f}", f"{tflops:.1f}", f"{tflops / matmul:.1%}",
+        return [f"{r['step_s']:.3f}", f"{batch / r['step_s']:.0f}", f"{tflops:.3g}", f"{tflops / matmul:.1%}",
                 "n/a" if sheet is None else f"{tflops / sheet:.1%}", r["peak_gib"], f"{r['planned_gib']:.1f}"]
 
     # the most important rows first: the larger model, the larger batch, every engine before checkpointing

@@ -64,7 +64,7 @@ stage() {
 }
 if [ $DRY = 1 ]; then
   stage equivalence 90 scripts/gpu_equivalence.py --device cpu
-  stage bench_vit 90 scripts/bench_gpu.py --device cpu --tiny --archs vit_small --batches 8 --steps 1 \
+  stage bench_vit 90 scripts/bench_gpu.py --device cpu --tiny --archs vit_base --batches 8 --steps 1 \
     --budget-s 50 --json "$OUT/bench_gpu.json"
   stage bench_resnet 40 scripts/bench_gpu.py --device cpu --tiny --archs resnet50 --engines ddp_bf16 \
     --optimizer lars --batches 8 --ac 0 --channels-last 0 1 --steps 1

@@ -73,6 +73,7 @@ class Table:
         if time.monotonic() > self.deadline:
             self._emit("| " + " | ".join(map(str, [*key, "skipped: time budget", *blank])) + " |")
             return
+        free_device_memory()  # each row's peak memory is its own
         try:
             values = list(measure())
         except torch.OutOfMemoryError:
@@ -82,8 +83,6 @@ class Table:
             traceback.print_exc(file=sys.stderr)
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             values = [f"error: {type(e).__name__}: {first[:100]}".replace("|", "/"), *blank]
-        finally:
-            free_device_memory()
         self._emit("| " + " | ".join(map(str, [*key, *values])) + " |")
 
 

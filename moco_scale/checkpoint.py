@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import time
@@ -62,12 +63,25 @@ def reference_checkpoint(engine: Engine, next_epoch: int, arch: str, model_kwarg
 
 def load_checkpoint(path: str) -> Any:
     """Load a checkpoint file safely (weights_only), with an error that names the file."""
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint {path} is a folder where a checkpoint file was expected")
+    expected = "expected a file written by moco-scale or the MoCo v3 reference (torch.save of a dict)"
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head[:2] != b"PK" and head[:1] != b"\x80":  # neither torch's zip format nor a legacy pickle
+            raise ValueError(f"{path} is not a checkpoint: not a torch.save file (it starts with {head!r}); {expected}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"checkpoint {path} does not exist") from e
+    except pickle.UnpicklingError as e:
+        # torch's own advice (re-run with weights_only=False) would run whatever code the file holds: not given
+        raise ValueError(f"{path} is not a checkpoint moco-scale reads: it holds objects other than tensors, numbers "
+                         f"and plain containers, and moco-scale loads only those (weights_only); {expected}") from e
     except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+        raise ValueError(f"{path} is not a checkpoint: torch.load cannot read it ({type(e).__name__}: it is "
+                         f"truncated or damaged); {expected}") from e
 
 
 # -- resumable folders ------------------------------------------------------------------------------
@@ -243,9 +257,10 @@ def read_any_checkpoint(path: str) -> dict[str, Any]:
     return consolidate(folder)
 
 
-def make_universal(src: Path, dst: Path) -> None:
+def make_universal(src: Path, dst: Path) -> str:
     """A DeepSpeed checkpoint folder as a universal one (DeepSpeed's ds_to_universal), loadable at any world
-    size and ZeRO stage; momentum.pt (fp32 momentum encoder, BN statistics) travels beside it."""
+    size within its stage group (ZeRO 1-2, or 3); momentum.pt (fp32 momentum encoder, BN statistics) travels
+    beside it. Returns the engine layout it was written by."""
     import subprocess
     import sys
 
@@ -270,3 +285,4 @@ def make_universal(src: Path, dst: Path) -> None:
     if dst.exists():
         raise ValueError(f"{dst} already exists")
     os.replace(tmp, dst)
+    return meta["engine"]

@@ -84,14 +84,33 @@ def backbone(state: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tenso
             if k.startswith("base_encoder.") and not k.startswith(f"base_encoder.{head}")}
 
 
-def convert(src: str, dst: str, to: str) -> str:
+def check_output(src: str, dst: str, to: str, force: bool) -> None:
+    """Nothing already saved is lost: the input is never the output, and an existing file is replaced only with
+    --force (a universal checkpoint, a folder, never replaces anything)."""
+    s, d = Path(src).resolve(), Path(dst).resolve()
+    if d == s:
+        raise ConvertError(f"the output {dst} is the input; write the {to} checkpoint to another path")
+    if to == "universal":
+        if d.exists():
+            raise ConvertError(f"the output {dst} already exists; a universal checkpoint goes to a new folder")
+        return
+    if d.is_dir():
+        raise ConvertError(f"the output {dst} is a folder; name the file to write, e.g. {Path(dst) / f'{to}.pth'}")
+    if d.exists() and not force:
+        raise ConvertError(f"the output {dst} already exists; pass --force to replace it")
+
+
+def convert(src: str, dst: str, to: str, force: bool = False) -> str:
     """Write `dst` in format `to`; returns a line to print about what the user must know."""
     if to not in FORMATS:
         raise ConvertError(f"--to must be one of {', '.join(FORMATS)}, not {to!r}")
+    check_output(src, dst, to, force)
     if to == "universal":
-        make_universal(Path(src), Path(dst))
-        return (f"wrote {dst}: a DeepSpeed universal checkpoint; --resume {dst} at any world size or ZeRO stage "
-                "(checkpoint.load_universal is set for you)")
+        engine = make_universal(Path(src), Path(dst))
+        # measured with deepspeed 0.19.8: a universal checkpoint's model files are named per stage group
+        stages = "ZeRO-3" if engine.endswith("ZeRO-3") else "ZeRO-1 or ZeRO-2"
+        return (f"wrote {dst}: a DeepSpeed universal checkpoint of {engine}; --resume {dst} at any world size under "
+                f"{stages} (checkpoint.load_universal is set for you; another stage: convert --to reference)")
     ckpt = read_any_checkpoint(src)
     state, settings = checked_state_dict(ckpt, src)
     arch = settings["arch"]
@@ -124,9 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--to", required=True, choices=FORMATS)
     p.add_argument("input")
     p.add_argument("output")
+    p.add_argument("--force", action="store_true", help="replace an existing output file (never the input)")
     args = p.parse_args(argv)
     try:
-        print(convert(args.input, args.output, args.to))
+        print(convert(args.input, args.output, args.to, args.force))
     except (ConvertError, FileNotFoundError, ValueError) as e:
         print(f"moco-scale convert: error: {e}", file=sys.stderr)
         return 2

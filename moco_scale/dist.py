@@ -155,17 +155,24 @@ def mean_across_ranks(value: torch.Tensor) -> torch.Tensor:
 
 
 class StopRequest:
-    """SIGTERM (what SLURM sends before preemption or the time limit) asks the run to save and exit 0.
+    """SIGTERM (what SLURM sends before preemption or the time limit) and a first Ctrl-C (SIGINT) ask the run to
+    save and exit 0; a second Ctrl-C aborts at once (KeyboardInterrupt), as a user pressing it twice means.
 
-    The handler only sets a flag; `agreed()` at a step boundary makes every rank decide the same,
+    The handler only records the signal; `agreed()` at a step boundary makes every rank decide the same,
     since the signal reaches ranks at different moments (one tiny all-reduce per step)."""
 
     def __init__(self, ctx: DistContext) -> None:
-        self.ctx, self.requested = ctx, False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.ctx, self.signal_name = ctx, None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
 
     def _handle(self, signum: int, frame: object) -> None:
-        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        if signum == signal.SIGINT:  # the next Ctrl-C is the default one: abort
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def agreed(self) -> bool:
         if not self.ctx.is_distributed or self.ctx.world_size == 1:
@@ -175,4 +182,5 @@ class StopRequest:
         return bool(flag.item())
 
     def close(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

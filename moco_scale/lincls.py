@@ -30,6 +30,7 @@ from moco_scale.convert import backbone, describe_mismatch, model_settings
 from moco_scale.data import DataError, eval_transform, image_folder, load_digits_split
 from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from moco_scale.dist import init_distributed, shutdown
+from moco_scale.flags import nonnegative_float, nonnegative_int, positive_float, positive_int, unit_interval
 from moco_scale.models import ARCHS, backbone_features, build_moco
 from moco_scale.models.vit import VIT_ARCHS
 
@@ -41,15 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", required=True,
                    help="a moco-scale checkpoint (folder, run folder or .pth.tar) or a reference-format file")
     p.add_argument("-a", "--arch", default=None, help="checked against the checkpoint's (default: the checkpoint's)")
-    p.add_argument("--epochs", type=int, default=90)
-    p.add_argument("-b", "--batch-size", type=int, default=1024, help="global batch over all ranks")
-    p.add_argument("--lr", type=float, default=None, help="base lr (x batch / 256); default 3 for ViT, 0.1 ResNet")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--wd", type=float, default=0.0)
+    p.add_argument("--epochs", type=positive_int, default=90)
+    p.add_argument("-b", "--batch-size", type=positive_int, default=1024, help="global batch over all ranks")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="base lr (x batch / 256); default 3 for ViT, 0.1 ResNet")
+    p.add_argument("--momentum", type=unit_interval, default=0.9)
+    p.add_argument("--wd", type=nonnegative_float, default=0.0)
     p.add_argument("--bn", action="store_true", help="parameter-free BatchNorm before the classifier")
-    p.add_argument("-j", "--workers", type=int, default=8, help="data loading workers per rank")
-    p.add_argument("-p", "--print-freq", type=int, default=1, help="evaluate every N epochs (and at the end)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-j", "--workers", type=nonnegative_int, default=8, help="data loading workers per rank")
+    p.add_argument("-p", "--print-freq", type=positive_int, default=1, help="evaluate every N epochs (and at the end)")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--output-dir", default="runs/lincls")
     p.add_argument("--resume", default=None, metavar="auto|PATH", help="'auto': DIR/lincls_checkpoint.pth.tar")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

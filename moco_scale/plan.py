@@ -23,6 +23,7 @@ import torch
 from moco_scale.config import ConfigError
 from moco_scale.engines import load_engine_config, precision_asked
 from moco_scale.engines.base import resolve_precision
+from moco_scale.flags import fraction, nonnegative_int, positive_float, positive_int
 from moco_scale.models import ARCHS, MoCo, backbone_blocks, backbone_features, build_moco, projector
 
 GIB = 2**30
@@ -262,23 +263,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moco-scale plan", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-a", "--arch", default="vit_base", choices=ARCHS)
-    p.add_argument("-b", "--batch-size", type=int, default=4096, help="global batch (images)")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("-b", "--batch-size", type=positive_int, default=4096, help="global batch (images)")
+    p.add_argument("--nodes", type=positive_int, default=1)
+    p.add_argument("--gpus-per-node", type=positive_int, default=8)
     p.add_argument("--engine-config", default=str(REPO / "ds_configs" / "zero3.json"))
-    p.add_argument("--activation-checkpointing", type=int, default=None, metavar="N",
+    p.add_argument("--activation-checkpointing", type=nonnegative_int, default=None, metavar="N",
                    help="every N-th block (default: the engine JSON's)")
-    p.add_argument("--backbone-chunk", type=int, default=None, metavar="K", help="(default: the engine JSON's)")
-    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
-    p.add_argument("--headroom", type=float, default=0.1,
+    p.add_argument("--backbone-chunk", type=nonnegative_int, default=None, metavar="K",
+                   help="(default: the engine JSON's)")
+    p.add_argument("--gpu-memory", type=positive_float, default=80.0, help="GiB per GPU")
+    p.add_argument("--headroom", type=fraction, default=0.1,
                    help="share of the GPU memory kept free for the CUDA context, kernels' workspace and allocator "
                    "fragmentation, which the estimate leaves out (default 0.1)")
     p.add_argument("--precision", default=None, choices=("auto", "fp32", "bf16", "fp16"),
                    help="(default: what the engine JSON gives on a bf16 GPU)")
     p.add_argument("--optimizer", default=None, choices=("adamw", "lars"), help="(default: lars for ResNet)")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--moco-dim", type=int, default=256)
-    p.add_argument("--moco-mlp-dim", type=int, default=4096)
+    p.add_argument("--image-size", type=positive_int, default=224)
+    p.add_argument("--moco-dim", type=positive_int, default=256)
+    p.add_argument("--moco-mlp-dim", type=positive_int, default=4096)
     return p
 
 

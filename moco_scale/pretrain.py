@@ -43,6 +43,14 @@ from moco_scale.dist import (
     world_size_from_env,
 )
 from moco_scale.engines import build_engine, load_engine_config, needs_process_group
+from moco_scale.flags import (
+    crop_fraction,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    unit_interval,
+)
 from moco_scale.flops import peak_tflops, step_flops_per_image
 from moco_scale.models import ARCHS, UnknownArchError, build_moco
 from moco_scale.models.vit import VIT_ARCHS
@@ -59,24 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ImageFolder root holding train/ (default: the built-in digits dataset)")
     ref = p.add_argument_group("reference trainer flags (same meaning as MoCo v3's main_moco.py)")
     ref.add_argument("-a", "--arch", default="resnet50", help=f"one of: {', '.join(ARCHS)}")
-    ref.add_argument("-j", "--workers", type=int, default=32,
+    ref.add_argument("-j", "--workers", type=nonnegative_int, default=32,
                      help="data loading workers per node, shared by its ranks (as in the reference)")
-    ref.add_argument("--epochs", type=int, default=100)
-    ref.add_argument("-b", "--batch-size", type=int, default=4096, help="global batch over all ranks")
-    ref.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=0.6,
+    ref.add_argument("--epochs", type=positive_int, default=100)
+    ref.add_argument("-b", "--batch-size", type=positive_int, default=4096, help="global batch over all ranks")
+    ref.add_argument("--lr", "--learning-rate", dest="lr", type=positive_float, default=0.6,
                      help="base lr; the lr used is lr * batch / 256")
-    ref.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=1e-6)
-    ref.add_argument("-p", "--print-freq", type=int, default=10, help="log every N steps")
-    ref.add_argument("--seed", type=int, default=0)
-    ref.add_argument("--moco-dim", type=int, default=256)
-    ref.add_argument("--moco-mlp-dim", type=int, default=4096)
-    ref.add_argument("--moco-m", type=float, default=0.99)
+    ref.add_argument("--wd", "--weight-decay", dest="weight_decay", type=nonnegative_float, default=1e-6)
+    ref.add_argument("-p", "--print-freq", type=positive_int, default=10, help="log every N steps")
+    ref.add_argument("--seed", type=nonnegative_int, default=0)
+    ref.add_argument("--moco-dim", type=positive_int, default=256)
+    ref.add_argument("--moco-mlp-dim", type=positive_int, default=4096)
+    ref.add_argument("--moco-m", type=unit_interval, default=0.99)
     ref.add_argument("--moco-m-cos", action="store_true", help="cosine momentum schedule from --moco-m to 1")
-    ref.add_argument("--moco-t", type=float, default=1.0)
+    ref.add_argument("--moco-t", type=positive_float, default=1.0)
     ref.add_argument("--stop-grad-conv1", action="store_true")
     ref.add_argument("--optimizer", default="lars", choices=OPTIMIZERS)
-    ref.add_argument("--warmup-epochs", type=int, default=10)
-    ref.add_argument("--crop-min", type=float, default=0.08)
+    ref.add_argument("--warmup-epochs", type=nonnegative_int, default=10)
+    ref.add_argument("--crop-min", type=crop_fraction, default=0.08)
     ref.add_argument("--multiprocessing-distributed", action="store_true",
                      help="accepted for compatibility; the launcher decides the processes")
     for flag in _IGNORED_REFERENCE_FLAGS:
@@ -85,28 +93,28 @@ def build_parser() -> argparse.ArgumentParser:
     own.add_argument("--engine-config", default=None, help="engine JSON in ds_configs/ (default: DDP defaults)")
     own.add_argument("--output-dir", default="runs/pretrain")
     own.add_argument("--overwrite", action="store_true", help="replace a finished run in --output-dir")
-    own.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (schedules "
+    own.add_argument("--max-steps", type=positive_int, default=None, help="stop after N optimizer steps (schedules "
                      "still span --epochs)")
     own.add_argument("--resume", default=None, metavar="auto|PATH",
                      help="continue a run: 'auto' = the newest complete checkpoint in --output-dir (or a fresh "
                      "start when there is none); PATH = a checkpoint folder, a run folder, or a reference-format "
                      "file (.pth.tar, published pretrained files included)")
-    own.add_argument("--save-every", type=int, default=0, metavar="N",
+    own.add_argument("--save-every", type=nonnegative_int, default=0, metavar="N",
                      help="also save a resumable checkpoint every N steps (always: at each epoch end)")
-    own.add_argument("--keep-last", type=int, default=2, metavar="K", help="resumable checkpoints to keep")
-    own.add_argument("--image-size", type=int, default=None,
+    own.add_argument("--keep-last", type=positive_int, default=2, metavar="K", help="resumable checkpoints to keep")
+    own.add_argument("--image-size", type=positive_int, default=None,
                      help=f"crop size (default 224; {BUILTIN_IMAGE_SIZE} for the built-in dataset)")
-    own.add_argument("--patch-size", type=int, default=None, help="ViT size override")
-    own.add_argument("--embed-dim", type=int, default=None, help="ViT size override")
-    own.add_argument("--depth", type=int, default=None, help="ViT size override")
-    own.add_argument("--num-heads", type=int, default=None, help="ViT size override")
-    own.add_argument("--peak-tflops", type=float, default=None, metavar="T",
+    own.add_argument("--patch-size", type=positive_int, default=None, help="ViT size override")
+    own.add_argument("--embed-dim", type=positive_int, default=None, help="ViT size override")
+    own.add_argument("--depth", type=positive_int, default=None, help="ViT size override")
+    own.add_argument("--num-heads", type=positive_int, default=None, help="ViT size override")
+    own.add_argument("--peak-tflops", type=positive_float, default=None, metavar="T",
                      help="the device's peak TFLOP/s per GPU for MFU (default: known for A100/H100/H200/V100)")
-    own.add_argument("--backbone-chunk", type=int, default=None, metavar="K",
+    own.add_argument("--backbone-chunk", type=nonnegative_int, default=None, metavar="K",
                      help="run the ViT backbone over chunks of K images with recomputation: memory follows K, "
                      "the gradients do not change (default: the engine JSON's backbone_chunk, 0 = off)")
     own.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    own.add_argument("--dist-timeout", type=float, default=1800.0,
+    own.add_argument("--dist-timeout", type=positive_float, default=1800.0,
                      help="seconds a collective may wait before the job fails (a dead rank)")
     own.add_argument("--skip-bad-data", action="store_true",
                      help="skip and count unreadable images and empty class folders instead of failing")
@@ -130,22 +138,26 @@ def check_args(args: argparse.Namespace, world: int) -> None:
                           f"{world} (each rank takes an equal share, as the reference requires)")
     if args.epochs <= args.warmup_epochs and args.epochs > 0:
         raise ConfigError(f"--warmup-epochs {args.warmup_epochs} must be below --epochs {args.epochs}")
-    if args.max_steps is not None and args.max_steps <= 0:
-        raise ConfigError(f"--max-steps must be positive, got {args.max_steps}")
-    if args.backbone_chunk is not None and args.backbone_chunk < 0:
-        raise ConfigError(f"--backbone-chunk must be 0 (off) or positive, got {args.backbone_chunk}")
     if args.backbone_chunk and (args.arch not in VIT_ARCHS or VIT_ARCHS[args.arch][4]):
         raise ConfigError(f"--backbone-chunk needs a ViT: {args.arch} has BatchNorm in its backbone, whose "
                           "statistics would be computed per chunk and change the result")
-    if args.save_every < 0 or args.keep_last < 1:
-        raise ConfigError(f"--save-every must be >= 0 and --keep-last >= 1, got {args.save_every} and "
-                          f"{args.keep_last}")
-    if args.print_freq <= 0:
-        raise ConfigError(f"--print-freq must be positive, got {args.print_freq}")
+
+
+def _interrupted(run: Path) -> bool:
+    """A run that saved checkpoints but did not finish: killed (no summary.json) or stopped by a signal."""
+    if not any((run / "checkpoints").glob("step_*")):
+        return False
+    try:
+        return bool(json.loads((run / "summary.json").read_text()).get("interrupted"))
+    except (OSError, ValueError):
+        return True
 
 
 def prepare_output_dir(path: str, overwrite: bool, resuming: bool) -> None:
     if os.path.exists(os.path.join(path, "config.json")) and not resuming:
+        if not overwrite and _interrupted(Path(path)):
+            raise ConfigError(f"--output-dir {path} holds an interrupted run with checkpoints: continue it with "
+                              "--resume auto, or choose another folder (--overwrite would delete its checkpoints)")
         if not overwrite:
             raise ConfigError(f"--output-dir {path} already holds a run (config.json); choose another "
                               "folder or pass --overwrite")
@@ -371,7 +383,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 break
             if stop.agreed():
                 saved = manager.save(engine, position(epoch, i + 1))
-                logger.message(f"SIGTERM: saved {saved} at step {step}; exiting (continue with --resume auto)")
+                logger.message(f"{stop.signal_name or 'a signal on another rank'}: saved {saved} at step {step}; "
+                               "exiting (continue with --resume auto)")
                 interrupted = True
                 break
             if args.save_every and step % args.save_every == 0 and i + 1 < iters:
@@ -387,12 +400,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             break
 
     stop.close()
-    summary = {"steps": step, "epochs": step / iters, "final_loss": last_loss, "interrupted": interrupted,
-               "seconds": time.time() - started, "checkpoint": ckpt_path,
+    # strict JSON: null where there is no value (no logged step), a checkpoint named only where one was written
+    summary = {"steps": step, "epochs": step / iters,
+               "final_loss": last_loss if math.isfinite(last_loss) else None, "interrupted": interrupted,
+               "seconds": time.time() - started, "checkpoint": ckpt_path if os.path.exists(ckpt_path) else None,
                "skipped_images": int(dataset.skipped.item())}
     if ctx.is_main:
         with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+            json.dump(summary, f, indent=2, allow_nan=False)
         if summary["skipped_images"]:
             logger.message(f"skipped {summary['skipped_images']} unreadable image(s) (--skip-bad-data)")
     logger.close()
@@ -416,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
               "process group", file=sys.stderr)
     try:
         run(args)
+    except KeyboardInterrupt:  # a second Ctrl-C: the first one asked for a save at the next step
+        print("moco-scale pretrain: aborted by a second Ctrl-C; the newest checkpoint in --output-dir is intact "
+              "(continue with --resume auto)", file=sys.stderr)
+        return 130
     except (ConfigError, DataError, UnknownArchError, ValueError) as e:
         rank = os.environ.get("RANK")
         where = f" (rank {rank})" if rank is not None and world_size_from_env() > 1 else ""

@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from moco_scale.checkpoint import load_checkpoint
-from moco_scale.data import eval_transform, image_folder, load_digits_split
+from moco_scale.checkpoint import read_any_checkpoint
+from moco_scale.config import ConfigError
+from moco_scale.data import DataError, eval_transform, image_folder, load_digits_split
+from moco_scale.flags import nonnegative_int
 from moco_scale.models import MoCo, backbone_features, build_moco
 
 
@@ -60,20 +62,33 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="moco-scale probe", description=__doc__)
     p.add_argument("data", nargs="?", default=None, help="ImageFolder root with train/ and val/ (default: digits)")
     p.add_argument("--pretrained", required=True, help="checkpoint written by moco-scale pretrain")
-    p.add_argument("--seed", type=int, default=None, help="seed of the random init (default: the run's seed)")
+    p.add_argument("--seed", type=nonnegative_int, default=None,
+                   help="seed of the random init (default: the run's seed)")
     args = p.parse_args(argv)
-    ckpt = load_checkpoint(args.pretrained)
-    meta = ckpt.get("moco_scale")
+    try:
+        return probe(args)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        print(f"moco-scale probe: error: {e}", file=sys.stderr)
+        return 2
+
+
+def probe(args: argparse.Namespace) -> int:
+    ckpt = read_any_checkpoint(args.pretrained)
+    meta = ckpt.get("moco_scale") if isinstance(ckpt, dict) else None
     if meta is None:
         print(f"moco-scale probe: error: {args.pretrained} has no 'moco_scale' model settings; "
               "it was not written by moco-scale pretrain", file=sys.stderr)
         return 2
     kwargs = meta["model"]
-    run_dir = os.path.dirname(os.path.abspath(args.pretrained))
+    # the run folder: the checkpoint file's folder, or the folder named (a run folder or a step folder in it)
+    run_dir = os.path.abspath(args.pretrained)
+    run_dir = run_dir if os.path.isfile(os.path.join(run_dir, "config.json")) else os.path.dirname(run_dir)
+    if os.path.basename(run_dir) == "checkpoints":
+        run_dir = os.path.dirname(run_dir)
     seed = args.seed
     if seed is None and os.path.exists(os.path.join(run_dir, "config.json")):
         with open(os.path.join(run_dir, "config.json")) as f:
-            seed = json.load(f)["args"]["seed"]
+            seed = json.load(f).get("args", {}).get("seed")
     torch.manual_seed(seed or 0)
     random_init = build_moco(**kwargs)  # the run's starting point when the seed matches
     pretrained = build_moco(**kwargs)

@@ -173,3 +173,4 @@ def test_existing_run_is_not_overwritten(tmp_path):
     assert run_cli(args).returncode == 0
     res = run_cli(args)
     assert res.returncode == 2 and "already holds a run" in res.stderr
+

@@ -103,3 +103,30 @@ def test_wrong_target_for_the_architecture(tmp_path):
     reference_file(tmp_path / "vit.pth.tar", "vit_tiny", img_size=32, patch_size=8, **HEADS)
     res = convert("--to", "torchvision", str(tmp_path / "vit.pth.tar"), str(tmp_path / "out.pth"))
     assert res.returncode == 2 and "--to torchvision needs a ResNet checkpoint" in res.stderr
+
+
+def test_convert_never_overwrites_its_input_or_an_existing_file(tmp_path, capsys):
+    """In-process: `convert --to deit X X` replaced the checkpoint with a backbone (rc 0); a folder as output left
+    a traceback and a *.tmp.* file. Each is refused with rc 2 and the file untouched; --force replaces an output."""
+    from moco_scale.convert import main
+
+    src = tmp_path / "ckpt.pth.tar"
+    reference_file(src, "vit_tiny", img_size=32, patch_size=8, **HEADS)
+    before = src.read_bytes()
+    cases = [([str(src), str(src)], "is the input"),
+             ([str(src), str(tmp_path / "." / "ckpt.pth.tar")], "is the input"),
+             ([str(src), str(tmp_path)], "is a folder")]
+    for args, message in cases:
+        assert main(["--to", "deit", *args]) == 2
+        assert message in capsys.readouterr().err
+    assert src.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pth.tar"]
+    out = tmp_path / "deit.pth"
+    assert main(["--to", "deit", str(src), str(out)]) == 0
+    first = out.stat().st_mtime_ns
+    assert main(["--to", "timm", str(src), str(out)]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert out.stat().st_mtime_ns == first
+    assert main(["--to", "timm", "--force", str(src), str(out)]) == 0
+    assert "model" not in torch.load(out, weights_only=True)  # timm's layout replaced DeiT's
+    assert main(["--to", "universal", str(src), str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err

@@ -125,3 +125,32 @@ def test_kill_9_of_one_rank_ends_the_job(tmp_path):
     code = procs[0].wait(timeout=120)
     assert code != 0 and time.time() - killed_at < 60
     assert "another rank" in (tmp_path / "task0.log").read_text()
+
+
+def test_first_ctrl_c_saves_like_sigterm_and_the_folder_asks_for_resume(tmp_path):
+    """One plain process: a first SIGINT (Ctrl-C) lost everything since the last save; now it saves and exits 0.
+    Starting again in that folder without --resume names --resume auto first (not only --overwrite)."""
+    run = tmp_path / "run"
+    args = [str(BIN / "moco-scale"), "pretrain", *COMMON, "--output-dir", str(run), "--epochs", "100",
+            "--max-steps", "100000"]
+    proc = start(args, tmp_path / "log")
+    deadline = time.time() + 120
+    while not ((run / "metrics.jsonl").exists() and len(losses(run)) >= 2):
+        assert time.time() < deadline and proc.poll() is None, (tmp_path / "log").read_text()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    assert finish([proc], timeout=120) == [0], (tmp_path / "log").read_text()[-3000:]
+    assert "SIGINT: saved" in (tmp_path / "log").read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["interrupted"] and summary["steps"] < 100000
+    assert (run / "checkpoints" / f"step_{summary['steps']:08d}" / "meta.json").is_file()
+    reference = run / "checkpoint.pth.tar"  # written at epoch ends only: named only where it exists
+    assert summary["checkpoint"] == (str(reference) if reference.exists() else None)
+    again = subprocess.run(args, capture_output=True, text=True, env=env(), cwd=REPO, timeout=120)
+    assert again.returncode == 2 and "interrupted run" in again.stderr and "--resume auto" in again.stderr
+    # a resume with no step left to run logs no loss: strict JSON, null, not NaN
+    done = subprocess.run([*args, "--resume", "auto", "--max-steps", str(summary["steps"])], capture_output=True,
+                          text=True, env=env(), cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    strict = json.loads((run / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+    assert strict["steps"] == summary["steps"] and strict["final_loss"] is None

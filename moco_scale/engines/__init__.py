@@ -27,6 +27,10 @@ def load_engine_config(path: str | None, global_batch: int | None = None, world:
     if looks_like_deepspeed(cfg):
         return resolve_deepspeed_config(cfg, path, global_batch, world)
     name = cfg.get("engine")
+    if name == "fairscale":
+        raise ConfigError(f"engine config {path}: fairscale is not supported: its FSDP moved into PyTorch as "
+                          "torch.distributed.fsdp, which moco-scale uses; its last release (0.4.13, 2022) fails on "
+                          "torch 2.x. Use ds_configs/fsdp.json (full shard) or ds_configs/fsdp_grad_op.json")
     if name not in ("ddp", "fsdp"):
         raise ConfigError(f"engine config {path}: key 'engine' must be ddp or fsdp (or the file a DeepSpeed "
                           f"config with a 'zero_optimization' section), got {name!r}")

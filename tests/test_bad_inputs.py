@@ -1,0 +1,97 @@
+"""User mistakes, one table: every command answers with exit 2 and one `moco-scale CMD: error: ...` line naming
+the flag, file or value at fault, before any process group exists, and nothing given to it is changed. In-process
+(a launcher adds nothing to how an argument is checked); the launcher-level cases live in test_cli/test_launch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import TINY_VIT
+from PIL import Image
+
+from moco_scale import build_moco
+from moco_scale.cli import main
+
+JUNK, JSON, CKPT, DATA, FAIRSCALE = "@junk", "@json", "@ckpt", "@data", "@fairscale"  # made per test: `files`
+
+CASES: list[tuple[list[str], str]] = [
+    # numeric flags: the range each takes, checked by argparse (moco_scale/flags.py)
+    (["pretrain", "--lr=-1e-3"], "argument --lr/--learning-rate: -1e-3 is out of range: expected a number > 0"),
+    (["pretrain", "--moco-m", "1.5"], "argument --moco-m: 1.5 is out of range: expected a number in [0, 1]"),
+    (["pretrain", "--moco-t", "0"], "argument --moco-t: 0 is out of range"),
+    (["pretrain", "--crop-min", "0"], "argument --crop-min: 0 is out of range: expected a number in (0, 1]"),
+    (["pretrain", "--epochs", "0"], "argument --epochs: 0 is out of range: expected an integer >= 1"),
+    (["pretrain", "-b", "-4"], "argument -b/--batch-size: -4 is out of range"),
+    (["pretrain", "--wd", "nan"], "argument --wd/--weight-decay: nan is out of range: expected a number >= 0"),
+    (["pretrain", "--keep-last", "0"], "argument --keep-last: 0 is out of range"),
+    (["pretrain", "--save-every", "-1"], "argument --save-every: -1 is out of range"),
+    (["pretrain", "--backbone-chunk", "-1"], "argument --backbone-chunk: -1 is out of range"),
+    (["pretrain", "--dist-timeout", "0"], "argument --dist-timeout: 0 is out of range"),
+    (["pretrain", "-j", "two"], "argument -j/--workers: 'two' is not an integer"),
+    (["plan", "--gpus-per-node", "-8"], "argument --gpus-per-node: -8 is out of range: expected an integer >= 1"),
+    (["plan", "--nodes", "0"], "argument --nodes: 0 is out of range"),
+    (["plan", "--headroom", "1"], "argument --headroom: 1 is out of range: expected a number in [0, 1)"),
+    (["plan", "--gpu-memory", "0"], "argument --gpu-memory: 0 is out of range"),
+    (["lincls", "--momentum", "2"], "argument --momentum: 2 is out of range"),
+    (["lincls", "--lr=-3"], "argument --lr: -3 is out of range"),
+    (["lincls", "-b", "x"], "argument -b/--batch-size: 'x' is not an integer"),
+    (["probe", "--pretrained", CKPT, "--seed", "-1"], "argument --seed: -1 is out of range"),
+    # files that are not checkpoints: what they are not, and no advice to unpickle them
+    (["convert", "--to", "deit", JUNK, "out.pth"], "is not a checkpoint: not a torch.save file"),
+    (["convert", "--to", "deit", JSON, "out.pth"], "is not a checkpoint: not a torch.save file (it starts with b'{"),
+    (["probe", "--pretrained", JUNK], "is not a checkpoint: not a torch.save file"),
+    (["probe", "--pretrained", "missing.pth.tar"], "checkpoint missing.pth.tar does not exist"),
+    (["lincls", "--pretrained", JSON], "is not a checkpoint: not a torch.save file"),
+    (["pretrain", "--resume", JUNK, "-b", "16", "-j", "0", "--device", "cpu"], "is not a checkpoint"),
+    # engine configs
+    (["pretrain", "--engine-config", FAIRSCALE, "-b", "16"], "fairscale is not supported: its FSDP moved into "
+     "PyTorch as torch.distributed.fsdp"),
+    # data of the wrong shape
+    (["probe", DATA, "--pretrained", CKPT], "/val does not exist"),
+    # convert never overwrites its input, nor a folder
+    (["convert", "--to", "deit", CKPT, CKPT], "is the input; write the deit checkpoint to another path"),
+    (["convert", "--to", "timm", CKPT, "."], "is a folder; name the file to write"),
+]
+if not torch.cuda.is_available():
+    CASES.append((["pretrain", "--device", "cuda", "-b", "16", "-j", "0"],
+                  "--device cuda was asked for, but torch sees no CUDA device"))
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "junk.bin").write_bytes(b"\x00\x01 not a checkpoint " * 8)
+    (tmp_path / "engine.json").write_text(json.dumps({"engine": "ddp"}))
+    (tmp_path / "fairscale.json").write_text(json.dumps({"engine": "fairscale"}))
+    torch.manual_seed(0)
+    model = build_moco(**TINY_VIT)
+    kwargs = dict(TINY_VIT)
+    torch.save({"epoch": 1, "arch": kwargs["arch"], "moco_scale": {"model": kwargs, "step": 1},
+                "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "ckpt.pth.tar")
+    (tmp_path / "data" / "train" / "a").mkdir(parents=True)  # train/ without val/
+    Image.new("RGB", (36, 36), (30, 20, 90)).save(tmp_path / "data" / "train" / "a" / "0.png")
+    return {JUNK: str(tmp_path / "junk.bin"), JSON: str(tmp_path / "engine.json"), CKPT: str(tmp_path / "ckpt.pth.tar"),
+            DATA: str(tmp_path / "data"), FAIRSCALE: str(tmp_path / "fairscale.json")}
+
+
+def test_the_table_covers_every_command():
+    print(f"{len(CASES)} bad-input cases")
+    assert {argv[0] for argv, _ in CASES} >= {"pretrain", "plan", "lincls", "probe", "convert"}
+
+
+@pytest.mark.parametrize("argv,message", CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_bad_input_gets_one_line_and_exit_2(argv, message, files, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = [files.get(a, a) for a in argv]
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert err and err[-1].startswith(f"moco-scale {argv[0]}: error: ") and message in err[-1], err[-3:]
+    assert "weights_only=False" not in "\n".join(err) and "Traceback" not in "\n".join(err)
+    assert {p: p.read_bytes() for p in before} == before  # nothing given to it was changed

@@ -1,8 +1,8 @@
-"""Checkpoints: the reference trainer's single file, and moco-scale's sharded resumable folders.
+"""Resumable checkpoint folders: the generic manager every engine saves through.
 
 A resumable checkpoint is a folder DIR/checkpoints/step_00001234/ holding the engine's own
-layout (one file for DDP, torch.distributed.checkpoint shards for FSDP, DeepSpeed's format
-for ZeRO), one RNG file per rank and meta.json (position in the run, model, world size, and
+layout (torch.distributed.checkpoint for DDP and FSDP, DeepSpeed's format for ZeRO), one RNG
+file per rank and meta.json (position in the run, model, world size, and
 the size of every file). It is written as a hidden .tmp folder and renamed only after every
 rank finished, then the `latest` pointer moves; a folder whose files do not match meta.json
 is incomplete and skipped by --resume auto.
@@ -10,17 +10,20 @@ is incomplete and skipped by --resume auto.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import pickle
 import random
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from moco_scale.files import NoSpaceError, atomic_write_text, is_disk_full, load_checkpoint
 
 if TYPE_CHECKING:
     from moco_scale.dist import DistContext
@@ -29,59 +32,6 @@ if TYPE_CHECKING:
 FORMAT = "moco-scale-checkpoint/1"
 META = "meta.json"
 LATEST = "latest"
-
-
-def atomic_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary name in the same folder, then rename: a crash leaves the old file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def reference_checkpoint(engine: Engine, next_epoch: int, arch: str, model_kwargs: dict[str, Any],
-                         step: int) -> dict[str, Any]:
-    """{'epoch', 'arch', 'state_dict' (module.* keys), 'optimizer', 'scaler'} as the reference writes,
-    plus 'moco_scale' (model kwargs and step) so moco-scale can rebuild a tiny or overridden model.
-    Must be called on every rank: a sharded engine gathers the full state."""
-    opt = engine.optimizer_state_dict()
-    return {
-        "epoch": next_epoch,
-        "arch": arch,
-        "state_dict": {f"module.{k}": v.detach().cpu() for k, v in engine.full_state_dict().items()},
-        "optimizer": opt["optimizer"],
-        "scaler": opt["scaler"],
-        "moco_scale": {"model": model_kwargs, "step": step},
-    }
-
-
-def load_checkpoint(path: str) -> Any:
-    """Load a checkpoint file safely (weights_only), with an error that names the file."""
-    if os.path.isdir(path):
-        raise ValueError(f"checkpoint {path} is a folder where a checkpoint file was expected")
-    expected = "expected a file written by moco-scale or the MoCo v3 reference (torch.save of a dict)"
-    if os.path.isfile(path):
-        with open(path, "rb") as f:
-            head = f.read(4)
-        if head[:2] != b"PK" and head[:1] != b"\x80":  # neither torch's zip format nor a legacy pickle
-            raise ValueError(f"{path} is not a checkpoint: not a torch.save file (it starts with {head!r}); {expected}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"checkpoint {path} does not exist") from e
-    except pickle.UnpicklingError as e:
-        # torch's own advice (re-run with weights_only=False) would run whatever code the file holds: not given
-        raise ValueError(f"{path} is not a checkpoint moco-scale reads: it holds objects other than tensors, numbers "
-                         f"and plain containers, and moco-scale loads only those (weights_only); {expected}") from e
-    except Exception as e:
-        raise ValueError(f"{path} is not a checkpoint: torch.load cannot read it ({type(e).__name__}: it is "
-                         f"truncated or damaged); {expected}") from e
 
 
 # -- resumable folders ------------------------------------------------------------------------------
@@ -99,12 +49,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def position_of(meta: dict[str, Any]) -> tuple[int, int]:
+    """(epoch, batch within it) of a checkpoint: derived from its step, the one count kept."""
+    return divmod(meta["step"], meta["iters_per_epoch"])
+
+
 def _barrier(ctx: DistContext) -> None:
     if ctx.is_distributed:
         torch.distributed.barrier()
 
 
-def _manifest(folder: Path) -> dict[str, int]:
+def manifest(folder: Path) -> dict[str, int]:
     return {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*"))
             if f.is_file() and f.name != META}
 
@@ -135,10 +90,15 @@ def _step_folders(root: Path) -> list[Path]:
     return sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
 
 
-def find_latest(root: Path, warn: bool = True) -> Path | None:
+def _step_of(folder: Path) -> int:
+    return int(folder.name.removeprefix("step_"))
+
+
+def find_latest(root: Path) -> Path | None:
     """The newest complete checkpoint under `root` (its checkpoints/ folder is looked into too).
 
-    The `latest` pointer is tried first; an incomplete or damaged folder is skipped with a warning."""
+    The `latest` pointer is tried first; an incomplete or damaged folder is skipped with a warning. Folders
+    moved aside (superseded/, damaged/) are never candidates."""
     if (root / "checkpoints").is_dir():
         root = root / "checkpoints"
     candidates = _step_folders(root)
@@ -151,39 +111,119 @@ def find_latest(root: Path, warn: bool = True) -> Path | None:
             verify(folder)
             return folder
         except ValueError as e:
-            if warn:
-                warnings.warn(f"--resume: skipping {e}", stacklevel=2)
+            warnings.warn(f"--resume: skipping {e}", stacklevel=2)
     return None
 
 
-class CheckpointManager:
-    """Writes resumable checkpoint folders under DIR/checkpoints and keeps the newest `keep_last`."""
+def _move_aside(folder: Path, under: Path) -> Path:
+    """Move `folder` into `under`, never onto an earlier folder of the same name (a name.1, name.2, ...)."""
+    under.mkdir(parents=True, exist_ok=True)
+    dst, n = under / folder.name, 0
+    while dst.exists():
+        n += 1
+        dst = under / f"{folder.name}.{n}"
+    os.replace(folder, dst)
+    return dst
 
-    def __init__(self, run_dir: str, ctx: DistContext, keep_last: int) -> None:
+
+class CheckpointManager:
+    """Writes resumable checkpoint folders under DIR/checkpoints, following the run's timeline.
+
+    Retention keeps the newest `keep_last` complete checkpoints; a damaged one is moved to
+    checkpoints/damaged/ (never counted, never deleted). A run resumed from step S starts a new timeline:
+    the folders after S, from the abandoned one, go to checkpoints/superseded/<time>/ (named in a warning)
+    and are never chosen by --resume auto. `latest` always names a folder that exists. A full disk during a
+    save removes the partial folder and says which checkpoint is intact. Collectives: call on every rank.
+    """
+
+    def __init__(self, run_dir: str, ctx: DistContext, keep_last: int, warn: Callable[[str], None] = print) -> None:
         self.root = Path(run_dir) / "checkpoints"
-        self.ctx, self.keep_last = ctx, keep_last
+        self.ctx, self.keep_last, self.warn = ctx, keep_last, warn
+        self.last_saved: int | None = None
+        #: an old run moved aside by --overwrite, deleted once this run has its first checkpoint
+        self.discard_after_first_save: Path | None = None
+
+    def folder(self, step: int) -> Path:
+        return self.root / f"step_{step:08d}"
+
+    def start_timeline(self, step: int) -> None:
+        """This run continues from `step`: move every later folder (another timeline's) aside. Rank 0 only."""
+        if not self.ctx.is_main or not self.root.is_dir():
+            return
+        later = []
+        for folder in (f for f in _step_folders(self.root) if _step_of(f) > step):
+            try:
+                verify(folder)
+                later.append(folder)
+            except ValueError as e:  # why --resume auto passed it over: not part of any timeline
+                moved = _move_aside(folder, self.root / "damaged")
+                self.warn(f"moco-scale: warning: {e}; moved it to {moved}")
+        if later:
+            aside = self.root / "superseded" / time.strftime("%Y%m%d-%H%M%S")
+            for folder in later:
+                _move_aside(folder, aside)
+            self.warn(f"moco-scale: warning: resuming at step {step}: moved {len(later)} later checkpoint(s) of the "
+                      f"abandoned timeline ({', '.join(sorted(f.name for f in later))}) to {aside}")
+        self._point_latest()
+
+    def _point_latest(self) -> None:
+        pointer = self.root / LATEST
+        complete = [f for f in _step_folders(self.root) if (f / META).is_file()]
+        if complete:
+            atomic_write_text(pointer, complete[0].name)
+        else:
+            pointer.unlink(missing_ok=True)
+
+    def _retain(self) -> None:
+        """Keep the newest `keep_last` complete folders; damaged ones aside, not counted."""
+        complete = []
+        for folder in _step_folders(self.root):
+            try:
+                verify(folder)
+                complete.append(folder)
+            except ValueError as e:
+                moved = _move_aside(folder, self.root / "damaged")
+                self.warn(f"moco-scale: warning: {e}; moved it to {moved} (not counted by --keep-last)")
+        for old in complete[self.keep_last:]:
+            shutil.rmtree(old, ignore_errors=True)
+        self._point_latest()
 
     def save(self, engine: Engine, position: dict[str, Any]) -> Path:
-        """A collective. `position` (step, epoch, iter, model, ...) goes into meta.json."""
-        name = f"step_{position['step']:08d}"
-        final, tmp = self.root / name, self.root / f".{name}.tmp"
+        """A collective. `position` (step and what is derived from it, model, ...) goes into meta.json."""
+        final = self.folder(position["step"])
+        name, tmp = final.name, self.root / f".{final.name}.tmp"
+        if self.last_saved == position["step"] and final.is_dir():
+            return final  # an epoch end right after a --save-every or signal save of the same step
         if self.ctx.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier(self.ctx)
-        engine.save(str(tmp))
-        torch.save(_rng_state(), tmp / f"rng_rank{self.ctx.rank:05d}.pt")
-        _barrier(self.ctx)  # every rank's files are written
+        try:
+            engine.save(str(tmp))
+            torch.save(_rng_state(), tmp / f"rng_rank{self.ctx.rank:05d}.pt")
+            _barrier(self.ctx)  # every rank's files are written
+            if self.ctx.is_main:
+                meta = {"format": FORMAT, **position, "world_size": self.ctx.world_size, "saved_at": time.time(),
+                        "files": manifest(tmp)}
+                (tmp / META).write_text(json.dumps(meta, indent=2))
+        except BaseException as e:
+            if not is_disk_full(e):
+                raise
+            if self.ctx.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            intact = find_latest(self.root) if self.root.is_dir() else None
+            raise NoSpaceError(errno.ENOSPC, f"no space left on device while writing {tmp}; removed the partial "
+                               f"folder; {intact or 'no earlier checkpoint'} is intact") from None
         if self.ctx.is_main:
-            meta = {"format": FORMAT, **position, "world_size": self.ctx.world_size, "saved_at": time.time(),
-                    "files": _manifest(tmp)}
-            (tmp / META).write_text(json.dumps(meta, indent=2))
-            if final.exists():  # the same step saved twice (an epoch end after --save-every)
+            if final.exists():  # the same step written by an earlier, abandoned run
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _atomic_write_text(self.root / LATEST, name)
-            for old in _step_folders(self.root)[self.keep_last:]:
-                shutil.rmtree(old, ignore_errors=True)
+            atomic_write_text(self.root / LATEST, name)
+            self._retain()
+            if self.discard_after_first_save is not None:
+                shutil.rmtree(self.discard_after_first_save, ignore_errors=True)
+                self.discard_after_first_save = None
+        self.last_saved = position["step"]
         _barrier(self.ctx)
         return final
 
@@ -195,94 +235,3 @@ class CheckpointManager:
         if meta["world_size"] == self.ctx.world_size and rng.is_file():
             _set_rng_state(load_checkpoint(str(rng)))
         return meta
-
-
-def consolidate(folder: Path) -> dict[str, Any]:
-    """A resumable checkpoint folder (any engine, any world size) as one reference-format checkpoint,
-    read offline in one process. Only DDP's optimizer state fits that format and is kept."""
-    meta = verify(folder)
-    engine = meta["engine"]
-    extra: dict[str, Any] = {}
-    if engine == "ddp":
-        state = load_checkpoint(str(folder / "engine.pt"))
-        model, extra = state["model"], {"optimizer": state["optimizer"], "scaler": state["scaler"]}
-    elif engine == "fsdp":
-        model = _dcp_model_state(folder)
-    else:
-        model = _deepspeed_model_state(folder, meta)
-    return {"epoch": meta["epoch"], "arch": meta["model"]["arch"],
-            "state_dict": {f"module.{k}": v.detach().float() if v.is_floating_point() else v
-                           for k, v in model.items()},
-            **extra, "moco_scale": {"model": meta["model"], "step": meta["step"]}}
-
-
-def _dcp_model_state(folder: Path) -> dict[str, torch.Tensor]:
-    import tempfile
-
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "full.pt")
-        dcp_to_torch_save(str(folder), out)
-        return torch.load(out, map_location="cpu", weights_only=False)["model"]
-
-
-def _deepspeed_model_state(folder: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """fp32 masters from DeepSpeed's partitions (zero_to_fp32), the fp32 momentum encoder from momentum.pt."""
-    tag = folder / "deepspeed"
-    if meta["engine"] == "deepspeed ZeRO-0":
-        # no partitions: the module as DeepSpeed saved it (fp32 runs: exact; 16-bit runs: rounded weights)
-        model = load_checkpoint(str(tag / "mp_rank_00_model_states.pt"))["module"]
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        model = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="deepspeed")
-    momentum = load_checkpoint(str(folder / "momentum.pt"))
-    for name, tensor in zip(momentum["names"], momentum["tensors"], strict=True):
-        model[f"momentum_encoder.{name}"] = tensor
-    return dict(model)
-
-
-def read_any_checkpoint(path: str) -> dict[str, Any]:
-    """Any checkpoint as one reference-format dict: a file (moco-scale's or the reference's), a resumable
-    folder, or a run folder (its newest complete checkpoint)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return load_checkpoint(path)
-    if not (folder / META).exists():
-        latest = find_latest(folder)
-        if latest is None:
-            raise FileNotFoundError(f"checkpoint folder {path} holds no complete checkpoint (step_*/{META})")
-        folder = latest
-    return consolidate(folder)
-
-
-def make_universal(src: Path, dst: Path) -> str:
-    """A DeepSpeed checkpoint folder as a universal one (DeepSpeed's ds_to_universal), loadable at any world
-    size within its stage group (ZeRO 1-2, or 3); momentum.pt (fp32 momentum encoder, BN statistics) travels
-    beside it. Returns the engine layout it was written by."""
-    import subprocess
-    import sys
-
-    meta = verify(src)
-    if not meta["engine"].startswith("deepspeed") or meta["engine"].endswith("ZeRO-0"):
-        raise ValueError(f"{src} was written by {meta['engine']}: universal checkpoints are made from DeepSpeed "
-                         "ZeRO 1-3 ones (FSDP checkpoints reshard as they are; DDP's are whole)")
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    res = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                          str(src / "deepspeed"), "--output_folder", str(tmp / "universal"),
-                          "--inject_missing_state"],  # ZeRO 1-2: the Megatron-only client state it asks for
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ValueError(f"DeepSpeed's ds_to_universal failed on {src / 'deepspeed'}:\n{res.stderr[-2000:]}")
-    shutil.copy2(src / "momentum.pt", tmp / "momentum.pt")
-    out = {**{k: v for k, v in meta.items() if k != "files"}, "universal": True, "converted_from": str(src),
-           "files": _manifest(tmp)}
-    (tmp / META).write_text(json.dumps(out, indent=2))
-    if dst.exists():
-        raise ValueError(f"{dst} already exists")
-    os.replace(tmp, dst)
-    return meta["engine"]

@@ -13,68 +13,48 @@ architecture is refused with the mismatched keys listed, before anything is writ
 from __future__ import annotations
 
 import argparse
-import math
+import json
+import os
+import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from moco_scale.checkpoint import atomic_save, make_universal, read_any_checkpoint
-from moco_scale.models import ARCHS, UnknownArchError, build_moco
+from moco_scale.checkpoint import manifest, verify
+from moco_scale.engines import engine_for_layout
+from moco_scale.files import atomic_save
+from moco_scale.loading import CheckpointError, checked_state_dict, read_any_checkpoint
 from moco_scale.models.resnet import RESNET_ARCHS
 from moco_scale.models.vit import VIT_ARCHS
 
 FORMATS = ("reference", "deit", "timm", "torchvision", "universal")
 
 
-class ConvertError(ValueError):
+class ConvertError(CheckpointError):
     pass
 
 
-def model_settings(ckpt: dict[str, Any], path: str) -> dict[str, Any]:
-    """build_moco's arguments for a checkpoint: moco-scale's record, else the reference's 'arch'
-    with the published heads (256 / 4096) and the sizes read from the tensors."""
-    if "moco_scale" in ckpt:
-        return dict(ckpt["moco_scale"]["model"])
-    arch = ckpt.get("arch")
-    if arch not in ARCHS:
-        raise ConvertError(f"{path}: 'arch' is {arch!r}, not one of {', '.join(ARCHS)}")
-    sd = ckpt["state_dict"]
-    out_dim = sd["module.predictor.3.weight"].shape[0] if "module.predictor.3.weight" in sd else 256
-    hidden = sd["module.predictor.0.weight"].shape[0] if "module.predictor.0.weight" in sd else 4096
-    settings = {"arch": arch, "moco_dim": out_dim, "moco_mlp_dim": hidden}
-    proj, pos = sd.get("module.base_encoder.patch_embed.proj.weight"), sd.get("module.base_encoder.pos_embed")
-    if arch in VIT_ARCHS and not VIT_ARCHS[arch][4] and proj is not None and pos is not None:
-        # resolution is a user's choice; width, depth and heads are the architecture's
-        settings["patch_size"] = proj.shape[-1]
-        settings["img_size"] = math.isqrt(pos.shape[1] - 1) * proj.shape[-1]
-    return settings
-
-
-def checked_state_dict(ckpt: dict[str, Any], path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The state dict without 'module.', verified key by key and shape by shape against its model."""
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise ConvertError(f"{path} holds no 'state_dict': not a MoCo v3 pretraining checkpoint")
-    settings = model_settings(ckpt, path)
+def make_universal(src: Path, dst: Path) -> tuple[str, str]:
+    """A checkpoint folder in its engine's universal form (DeepSpeed's), written as a hidden folder and renamed;
+    meta.json travels with it. Returns the layout it was written by and the engines that resume it."""
+    meta = verify(src)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     try:
-        want = build_moco(**settings).state_dict()
-    except (UnknownArchError, TypeError, ValueError) as e:
-        raise ConvertError(f"{path}: cannot rebuild its model ({e})") from e
-    got = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
-    mismatch = describe_mismatch(want, got)
-    if mismatch:
-        raise ConvertError(f"{path} does not match {settings['arch']} ({mismatch})")
-    return got, settings
-
-
-def describe_mismatch(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> str:
-    """Missing, unexpected and wrong-shape keys of `got` against `want`; empty when they match."""
-    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    shapes = sorted(k for k in set(want) & set(got) if want[k].shape != got[k].shape)
-    return "; ".join(f"{name}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-                     for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes))
-                     if keys)
+        stages = engine_for_layout(meta["engine"], src).write_universal(src, tmp, meta)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    out = {**{k: v for k, v in meta.items() if k != "files"}, "universal": True, "converted_from": str(src),
+           "files": manifest(tmp)}
+    (tmp / "meta.json").write_text(json.dumps(out, indent=2))
+    if dst.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConvertError(f"{dst} already exists")
+    os.replace(tmp, dst)
+    return meta["engine"], stages
 
 
 def backbone(state: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
@@ -106,9 +86,7 @@ def convert(src: str, dst: str, to: str, force: bool = False) -> str:
         raise ConvertError(f"--to must be one of {', '.join(FORMATS)}, not {to!r}")
     check_output(src, dst, to, force)
     if to == "universal":
-        engine = make_universal(Path(src), Path(dst))
-        # measured with deepspeed 0.19.8: a universal checkpoint's model files are named per stage group
-        stages = "ZeRO-3" if engine.endswith("ZeRO-3") else "ZeRO-1 or ZeRO-2"
+        engine, stages = make_universal(Path(src), Path(dst))
         return (f"wrote {dst}: a DeepSpeed universal checkpoint of {engine}; --resume {dst} at any world size under "
                 f"{stages} (checkpoint.load_universal is set for you; another stage: convert --to reference)")
     ckpt = read_any_checkpoint(src)
@@ -128,7 +106,7 @@ def convert(src: str, dst: str, to: str, force: bool = False) -> str:
     weights = backbone(state, arch)
     atomic_save({"model": weights} if to == "deit" else weights, dst)
     if arch in VIT_ARCHS:
-        heads = settings.get("num_heads") or VIT_ARCHS[arch][2]
+        heads = settings.get("num_heads") or VIT_ARCHS[arch].num_heads
         note = (f"; build the model with num_heads={heads}: qkv has the same shape for any head count, "
                 "so a model with another count loads it silently and computes something else")
         if arch == "vit_small":

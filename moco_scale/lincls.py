@@ -24,14 +24,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from moco_scale.checkpoint import atomic_save, load_checkpoint, read_any_checkpoint
 from moco_scale.config import ConfigError
-from moco_scale.convert import backbone, describe_mismatch, model_settings
+from moco_scale.convert import backbone
 from moco_scale.data import DataError, eval_transform, image_folder, load_digits_split
 from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from moco_scale.dist import init_distributed, shutdown
+from moco_scale.files import atomic_save, load_checkpoint
 from moco_scale.flags import nonnegative_float, nonnegative_int, positive_float, positive_int, unit_interval
-from moco_scale.models import ARCHS, backbone_features, build_moco
+from moco_scale.loading import load_pretrained
+from moco_scale.models import ARCHS, backbone_features
 from moco_scale.models.vit import VIT_ARCHS
 
 
@@ -62,22 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def pretrained_backbone(path: str, arch: str | None) -> tuple[nn.Module, dict[str, Any], dict[str, torch.Tensor]]:
     """The online backbone of any checkpoint, loaded; refuses another architecture with the keys at fault."""
-    ckpt = read_any_checkpoint(path)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise ConfigError(f"--pretrained {path} holds no 'state_dict': not a MoCo v3 pretraining checkpoint")
-    settings = model_settings(ckpt, path)
+    model, settings, _ = load_pretrained(path)
     if arch is not None and arch != settings["arch"]:
         raise ConfigError(f"--pretrained {path} holds {settings['arch']}, not -a {arch}")
-    encoder = build_moco(**settings).base_encoder
-    state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
-    weights = backbone(state, settings["arch"])
-    want = backbone({f"base_encoder.{k}": v for k, v in encoder.state_dict().items()}, settings["arch"])
-    mismatch = describe_mismatch(want, weights)
-    if mismatch:
-        raise ConfigError(f"--pretrained {path} does not match {settings['arch']} ({mismatch})")
-    missing, unexpected = encoder.load_state_dict(weights, strict=False)
-    assert not unexpected and all(k.startswith(("head.", "fc.")) for k in missing), (missing, unexpected)
-    return encoder, settings, {k: v.clone() for k, v in weights.items()}
+    weights = backbone({f"base_encoder.{k}": v for k, v in model.base_encoder.state_dict().items()}, settings["arch"])
+    return model.base_encoder, settings, {k: v.clone() for k, v in weights.items()}
 
 
 class _Transformed(Dataset):

@@ -22,16 +22,8 @@ from typing import Any
 import torch
 
 from moco_scale import schedules
-from moco_scale.checkpoint import (
-    CheckpointManager,
-    atomic_save,
-    find_latest,
-    load_checkpoint,
-    reference_checkpoint,
-    verify,
-)
+from moco_scale.checkpoint import CheckpointManager, find_latest, verify
 from moco_scale.config import ConfigError
-from moco_scale.convert import describe_mismatch
 from moco_scale.data import BUILTIN_IMAGE_SIZE, DataError, pretrain_dataset, pretrain_loader
 from moco_scale.dist import (
     DistContext,
@@ -42,7 +34,8 @@ from moco_scale.dist import (
     shutdown,
     world_size_from_env,
 )
-from moco_scale.engines import build_engine, load_engine_config, needs_process_group
+from moco_scale.engines import build_engine, engine_class, load_engine_config, needs_process_group
+from moco_scale.files import NoSpaceError, atomic_save, load_checkpoint
 from moco_scale.flags import (
     crop_fraction,
     nonnegative_float,
@@ -52,6 +45,7 @@ from moco_scale.flags import (
     unit_interval,
 )
 from moco_scale.flops import peak_tflops, step_flops_per_image
+from moco_scale.loading import checked_state_dict
 from moco_scale.models import ARCHS, UnknownArchError, build_moco
 from moco_scale.models.vit import VIT_ARCHS
 from moco_scale.optim import OPTIMIZERS
@@ -102,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     own.add_argument("--save-every", type=nonnegative_int, default=0, metavar="N",
                      help="also save a resumable checkpoint every N steps (always: at each epoch end)")
     own.add_argument("--keep-last", type=positive_int, default=2, metavar="K", help="resumable checkpoints to keep")
+    own.add_argument("--reference-every", default="epoch", choices=("epoch", "end", "never"),
+                     help="when to write DIR/checkpoint.pth.tar, the reference's single file (rank 0 gathers it on the "
+                     "CPU one tensor at a time): at each epoch end as the reference does, at the end only, or never "
+                     "(convert --to reference makes it from any checkpoint folder)")
     own.add_argument("--image-size", type=positive_int, default=None,
                      help=f"crop size (default 224; {BUILTIN_IMAGE_SIZE} for the built-in dataset)")
     own.add_argument("--patch-size", type=positive_int, default=None, help="ViT size override")
@@ -138,7 +136,7 @@ def check_args(args: argparse.Namespace, world: int) -> None:
                           f"{world} (each rank takes an equal share, as the reference requires)")
     if args.epochs <= args.warmup_epochs and args.epochs > 0:
         raise ConfigError(f"--warmup-epochs {args.warmup_epochs} must be below --epochs {args.epochs}")
-    if args.backbone_chunk and (args.arch not in VIT_ARCHS or VIT_ARCHS[args.arch][4]):
+    if args.backbone_chunk and (args.arch not in VIT_ARCHS or VIT_ARCHS[args.arch].conv_stem):
         raise ConfigError(f"--backbone-chunk needs a ViT: {args.arch} has BatchNorm in its backbone, whose "
                           "statistics would be computed per chunk and change the result")
 
@@ -153,7 +151,10 @@ def _interrupted(run: Path) -> bool:
         return True
 
 
-def prepare_output_dir(path: str, overwrite: bool, resuming: bool) -> None:
+def prepare_output_dir(path: str, overwrite: bool, resuming: bool) -> Path | None:
+    """The run folder, made; with --overwrite the old run is moved aside (returned), to be deleted only once this
+    run has written its first checkpoint: a run that fails at its first batch loses nothing."""
+    aside = None
     if os.path.exists(os.path.join(path, "config.json")) and not resuming:
         if not overwrite and _interrupted(Path(path)):
             raise ConfigError(f"--output-dir {path} holds an interrupted run with checkpoints: continue it with "
@@ -161,8 +162,12 @@ def prepare_output_dir(path: str, overwrite: bool, resuming: bool) -> None:
         if not overwrite:
             raise ConfigError(f"--output-dir {path} already holds a run (config.json); choose another "
                               "folder or pass --overwrite")
-        shutil.rmtree(path)
+        stem = f"{os.path.abspath(path).rstrip(os.sep)}.overwritten-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside = next(Path(f"{stem}{suffix}") for suffix in ("", *(f".{i}" for i in range(1, 1000)))
+                     if not os.path.exists(f"{stem}{suffix}"))
+        os.replace(path, aside)
     os.makedirs(path, exist_ok=True)
+    return aside
 
 
 def resolved_config(args: argparse.Namespace, engine_cfg: dict, ctx: DistContext, precision: str,
@@ -211,8 +216,9 @@ def find_resume(args: argparse.Namespace, is_main: bool) -> tuple[str, Path, Any
 
 
 def check_resumable(meta: dict[str, Any], source: Path, args: argparse.Namespace, engine_cfg: dict[str, Any],
-                    dataset_size: int) -> None:
-    """A checkpoint folder continues this run only with the same model, batch, data and engine layout."""
+                    dataset_size: int) -> dict[str, Any]:
+    """A checkpoint folder continues this run only with the same model, batch, data and an engine that reads its
+    layout; returns the engine config that reads it (the engine's answer)."""
     mine = model_kwargs(args)
     diff = [f"{k} {meta['model'].get(k)!r} there, {v!r} here" for k, v in mine.items() if meta["model"].get(k) != v]
     if diff:
@@ -223,23 +229,7 @@ def check_resumable(meta: dict[str, Any], source: Path, args: argparse.Namespace
     if meta["dataset_size"] != dataset_size:
         raise ConfigError(f"--resume {source} saw {meta['dataset_size']} training images, this data has "
                           f"{dataset_size}")
-    if meta.get("universal"):  # DeepSpeed's universal form loads into any stage at any world size
-        if engine_cfg["engine"] != "deepspeed":
-            raise ConfigError(f"--resume {source} is a DeepSpeed universal checkpoint; resume it with a DeepSpeed "
-                              "engine config (ds_configs/zero*.json), or convert --to reference for another engine")
-        saved_stage3, stage3 = meta["engine"].endswith("ZeRO-3"), engine_cfg["zero_stage"] == 3
-        if saved_stage3 != stage3:  # measured with deepspeed 0.19.8: its model files are named per stage group
-            raise ConfigError(f"--resume {source} is a universal checkpoint of {meta['engine']}; DeepSpeed loads it "
-                              f"into {'ZeRO-3' if saved_stage3 else 'ZeRO 1-2'} only, and this run uses "
-                              f"ZeRO-{engine_cfg['zero_stage']}. Convert the original --to reference and --resume "
-                              "that file instead (the optimizer starts fresh)")
-        engine_cfg["deepspeed"].setdefault("checkpoint", {})["load_universal"] = True
-        return
-    theirs, ours = meta["engine"], checkpoint_layout(engine_cfg)
-    if theirs != ours:
-        raise ConfigError(f"--resume {source} was written by {theirs} and this run uses {ours}: their layouts "
-                          f"differ. Consolidate it (moco-scale convert --to reference {source} full.pth.tar) and "
-                          "--resume full.pth.tar, or resume with the same --engine-config")
+    return engine_class(engine_cfg).resume_config(engine_cfg, meta, source)
 
 
 def load_reference_weights(model: torch.nn.Module, path: Path, ckpt: Any, arch: str) -> None:
@@ -248,40 +238,17 @@ def load_reference_weights(model: torch.nn.Module, path: Path, ckpt: Any, arch: 
         raise ConfigError(f"--resume {path} holds no 'state_dict': not a MoCo v3 pretraining checkpoint")
     if ckpt.get("arch", arch) != arch:
         raise ConfigError(f"--resume {path} holds {ckpt['arch']}, this run is -a {arch}")
-    state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
-    mismatch = describe_mismatch(model.state_dict(), state)
-    if mismatch:
-        raise ConfigError(f"--resume {path} does not fit this run's {arch} ({mismatch}); pass the size flags it "
-                          "was trained with")
+    state, _ = checked_state_dict(ckpt, f"--resume {path}", model, hint="; pass the size flags it was trained with")
     model.load_state_dict(state)
 
 
-def load_reference_optimizer(engine: Any, path: Path, ckpt: Any, is_main: bool) -> None:
-    """The reference's optimizer state (a torch state_dict over base encoder + predictor) where it fits."""
-    opt = ckpt.get("optimizer")
-    fits = (engine.name == "ddp" and isinstance(opt, dict) and "param_groups" in opt
-            and sum(len(g["params"]) for g in opt["param_groups"]) == len(engine.model.trainable_parameters()))
-    if fits:
-        engine.optimizer.load_state_dict(opt)
-        if ckpt.get("scaler"):
-            engine.scaler.load_state_dict(ckpt["scaler"])
-    elif is_main:
-        why = "it holds none" if not opt else f"a {engine.name} engine cannot take a single-file optimizer state"
-        print(f"moco-scale: warning: --resume {path}: the optimizer starts fresh ({why}); weights and "
-              "epoch are restored", file=sys.stderr)
-
-
-def checkpoint_layout(cfg: dict[str, Any]) -> str:
-    """Engines that read each other's resumable checkpoints share a layout (DCP does not care how FSDP shards)."""
-    return f"deepspeed ZeRO-{cfg['zero_stage']}" if cfg["engine"] == "deepspeed" else cfg["engine"]
-
-
-def engine_label(cfg: dict[str, Any]) -> str:
-    if cfg["engine"] == "deepspeed":
-        return f"deepspeed ZeRO-{cfg['zero_stage']}"
-    if cfg["engine"] == "fsdp":
-        return "fsdp full shard" if cfg["reshard_after_forward"] else "fsdp grad/optimizer shard"
-    return cfg["engine"]
+def reference_start(ckpt: dict[str, Any], iters: int) -> int:
+    """The step a reference-format file continues at: moco-scale's own record where it was written with this
+    epoch length (a run stopped mid-epoch), else the start of its 'epoch' (the next epoch, as the reference)."""
+    own = ckpt.get("moco_scale") or {}
+    if isinstance(own.get("step"), int) and own.get("iters_per_epoch") == iters:
+        return own["step"]
+    return int(ckpt.get("epoch", 0)) * iters
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -301,7 +268,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     is_main = int(os.environ.get("RANK", "0")) == 0
     resume = find_resume(args, is_main)  # every file is checked before any rank talks to another
     if resume is not None and resume[0] == "folder":
-        check_resumable(resume[2], resume[1], args, engine_cfg, len(dataset))
+        engine_cfg = check_resumable(resume[2], resume[1], args, engine_cfg, len(dataset))
+    policy = engine_class(engine_cfg)
 
     ctx = init_distributed(args.device, args.dist_timeout, require_group=needs_process_group(engine_cfg))
     torch.manual_seed(args.seed)
@@ -314,9 +282,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              pin_memory=ctx.device.type == "cuda")
     iters = len(loader)
     total_steps = iters * args.epochs if args.max_steps is None else min(args.max_steps, iters * args.epochs)
+    aside = None
     if ctx.is_main:
         # --resume auto may find no checkpoint yet (a crash before the first save): the folder is still this run's
-        prepare_output_dir(args.output_dir, args.overwrite, resuming=args.resume is not None)
+        aside = prepare_output_dir(args.output_dir, args.overwrite, resuming=args.resume is not None)
         config = resolved_config(args, engine_cfg, ctx, engine.precision, iters, total_steps, workers)
         config["resolved"]["resumed_from"] = None if resume is None else str(resume[1])
         with open(os.path.join(args.output_dir, "config.json"), "w") as f:
@@ -324,29 +293,50 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if ctx.is_distributed:
         torch.distributed.barrier()  # the folder exists before any rank writes into it
 
-    manager = CheckpointManager(args.output_dir, ctx, args.keep_last)
-    start_epoch, start_iter, step = 0, 0, 0
+    say = (lambda text: print(text, file=sys.stderr)) if ctx.is_main else (lambda text: None)  # noqa: E731
+    manager = CheckpointManager(args.output_dir, ctx, args.keep_last, warn=say)
+    manager.discard_after_first_save = aside
+    if aside is not None:
+        say(f"moco-scale: --overwrite: moved the previous run to {aside}; it is deleted once this run has saved "
+            "its first checkpoint")
+    step = 0
     if resume is not None and resume[0] == "folder":
-        meta = manager.load(engine, resume[1])
-        start_epoch, start_iter, step = meta["epoch"], meta["iter"], meta["step"]
+        step = manager.load(engine, resume[1])["step"]
+    if resume is not None and resume[0] == "reference":
+        step = reference_start(resume[2], iters)
+        why = engine.load_reference_optimizer(resume[2].get("optimizer"), resume[2].get("scaler"))
+        if why is not None:
+            say(f"moco-scale: warning: --resume {resume[1]}: the optimizer starts fresh ({why}); weights and "
+                "position are restored")
+    if resume is not None:
+        manager.start_timeline(step)  # the later folders of an abandoned timeline go aside
+    start_epoch, start_iter = divmod(step, iters)
+    logger = RunLogger(args.output_dir, ctx.is_main, total_steps, initial_step=step)
 
-    def position(epoch: int, next_iter: int) -> dict[str, Any]:
-        if next_iter == iters:
-            epoch, next_iter = epoch + 1, 0
-        return {"step": step, "epoch": epoch, "iter": next_iter, "iters_per_epoch": iters,
-                "global_batch": args.batch_size, "dataset_size": len(dataset), "model": model_kwargs(args),
-                "engine": checkpoint_layout(engine_cfg), "precision": engine.precision, "seed": args.seed}
+    def position() -> dict[str, Any]:
+        """meta.json: the step is the truth; epoch and batch are derived from it and iters_per_epoch."""
+        return {"step": step, "iters_per_epoch": iters, "global_batch": args.batch_size,
+                "dataset_size": len(dataset), "model": model_kwargs(args), "engine": policy.layout(engine_cfg),
+                "precision": engine.precision, "seed": args.seed}
+
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth.tar")
+
+    def write_reference() -> None:
+        """The reference's single file; rank 0 holds the only (CPU) copy of the whole model."""
+        state = engine.reference_state()  # a collective
+        if state is not None:
+            atomic_save({"epoch": step // iters, "arch": args.arch,
+                         "state_dict": {f"module.{k}": v for k, v in state["state_dict"].items()},
+                         "optimizer": state["optimizer"], "scaler": state["scaler"],
+                         "moco_scale": {"model": model_kwargs(args), "step": step, "iters_per_epoch": iters}},
+                        ckpt_path)
 
     if resume is not None and resume[0] == "reference":
-        start_epoch = int(resume[2].get("epoch", 0))
-        step = start_epoch * iters
-        load_reference_optimizer(engine, resume[1], resume[2], is_main=ctx.is_main)
-        manager.save(engine, position(start_epoch, 0))  # the imported state, resumable without the file
+        manager.save(engine, position())  # the imported state, resumable without the file
 
     base_lr = schedules.scaled_lr(args.lr, args.batch_size)
-    logger = RunLogger(args.output_dir, ctx.is_main, total_steps, initial_step=step)
     logger.message(f"moco-scale: {args.arch}, world {ctx.world_size} on {ctx.device}, global batch "
-                   f"{args.batch_size}, {iters} steps/epoch, {total_steps} steps, engine {engine_label(engine_cfg)} "
+                   f"{args.batch_size}, {iters} steps/epoch, {total_steps} steps, engine {policy.label(engine_cfg)} "
                    f"({engine.precision}), output {args.output_dir}")
     if resume is not None:
         logger.message(f"resumed from {resume[1]} at step {step} (epoch {start_epoch}, batch {start_iter})")
@@ -355,7 +345,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     meter = Throughput(ctx.world_size, ctx.device, flops, peak, total_steps, step)
     watch = model.first_layer_names()
     last_loss, started = float("nan"), time.time()
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth.tar")
     stop, interrupted = StopRequest(ctx), False
     for epoch in range(start_epoch, args.epochs):
         if step >= total_steps:
@@ -382,28 +371,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if step == total_steps:
                 break
             if stop.agreed():
-                saved = manager.save(engine, position(epoch, i + 1))
+                saved = manager.save(engine, position())
                 logger.message(f"{stop.signal_name or 'a signal on another rank'}: saved {saved} at step {step}; "
                                "exiting (continue with --resume auto)")
                 interrupted = True
                 break
-            if args.save_every and step % args.save_every == 0 and i + 1 < iters:
-                manager.save(engine, position(epoch, i + 1))
+            if args.save_every and step % args.save_every == 0:
+                manager.save(engine, position())
             fetch_start = time.perf_counter()
         if interrupted:
             break
-        manager.save(engine, position(epoch, i + 1))
-        state = reference_checkpoint(engine, epoch + 1, args.arch, model_kwargs(args), step)
-        if ctx.is_main:
-            atomic_save(state, ckpt_path)
+        manager.save(engine, position())
+        if args.reference_every == "epoch" or (args.reference_every == "end" and step == total_steps):
+            write_reference()
         if step == total_steps:
             break
 
     stop.close()
+    if ctx.is_main and manager.discard_after_first_save is not None:  # --overwrite, and this run saved nothing
+        shutil.rmtree(manager.discard_after_first_save, ignore_errors=True)
     # strict JSON: null where there is no value (no logged step), a checkpoint named only where one was written
     summary = {"steps": step, "epochs": step / iters,
                "final_loss": last_loss if math.isfinite(last_loss) else None, "interrupted": interrupted,
                "seconds": time.time() - started, "checkpoint": ckpt_path if os.path.exists(ckpt_path) else None,
+               "resumable": None if manager.last_saved is None else str(manager.folder(manager.last_saved)),
                "skipped_images": int(dataset.skipped.item())}
     if ctx.is_main:
         with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
@@ -435,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
         print("moco-scale pretrain: aborted by a second Ctrl-C; the newest checkpoint in --output-dir is intact "
               "(continue with --resume auto)", file=sys.stderr)
         return 130
+    except NoSpaceError as e:
+        print(f"moco-scale pretrain: error: {e}", file=sys.stderr)
+        return 1
     except (ConfigError, DataError, UnknownArchError, ValueError) as e:
         rank = os.environ.get("RANK")
         where = f" (rank {rank})" if rank is not None and world_size_from_env() > 1 else ""

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from moco_scale.checkpoint import read_any_checkpoint
 from moco_scale.config import ConfigError
 from moco_scale.data import DataError, eval_transform, image_folder, load_digits_split
 from moco_scale.flags import nonnegative_int
+from moco_scale.loading import load_pretrained
 from moco_scale.models import MoCo, backbone_features, build_moco
 
 
@@ -73,13 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def probe(args: argparse.Namespace) -> int:
-    ckpt = read_any_checkpoint(args.pretrained)
-    meta = ckpt.get("moco_scale") if isinstance(ckpt, dict) else None
-    if meta is None:
-        print(f"moco-scale probe: error: {args.pretrained} has no 'moco_scale' model settings; "
-              "it was not written by moco-scale pretrain", file=sys.stderr)
-        return 2
-    kwargs = meta["model"]
+    pretrained, kwargs, ckpt = load_pretrained(args.pretrained)
+    meta = ckpt.get("moco_scale", {})
     # the run folder: the checkpoint file's folder, or the folder named (a run folder or a step folder in it)
     run_dir = os.path.abspath(args.pretrained)
     run_dir = run_dir if os.path.isfile(os.path.join(run_dir, "config.json")) else os.path.dirname(run_dir)
@@ -91,10 +86,7 @@ def probe(args: argparse.Namespace) -> int:
             seed = json.load(f).get("args", {}).get("seed")
     torch.manual_seed(seed or 0)
     random_init = build_moco(**kwargs)  # the run's starting point when the seed matches
-    pretrained = build_moco(**kwargs)
-    state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
-    pretrained.load_state_dict(state)
-    size = kwargs["img_size"]
+    size = kwargs.get("img_size") or 224
     if args.data is None:
         train, val = load_digits_split("train", size), load_digits_split("val", size)
         transform = eval_transform(size)

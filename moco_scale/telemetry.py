@@ -12,6 +12,26 @@ import torch
 from tqdm import tqdm
 
 
+def _drop_after(path: str, step: int) -> None:
+    """Keep the lines of metrics.jsonl up to `step` (a run resumed there continues its own history)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a crash
+    if len(kept) != len(lines):
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+
 class RunLogger:
     """Writes one JSON object per logged step and mirrors it to TensorBoard and the progress bar.
 
@@ -26,7 +46,9 @@ class RunLogger:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+            path = os.path.join(out_dir, "metrics.jsonl")
+            _drop_after(path, initial_step)  # a resume from an earlier step: the abandoned steps' lines go
+            self.jsonl = open(path, "a")
             self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
 
     def advance(self) -> None:

@@ -61,7 +61,7 @@ def count_bytes(engine) -> dict[str, int]:
         "params": _storages(p.ds_tensor if hasattr(p, "ds_tensor") else p for p in params()),
         "grads": _storages(p.grad for p in params()),
         "optimizer": _storages(_walk(list(engine.optimizer.state.values()))),
-        "momentum_fp32": _storages(getattr(engine, "_m32", None) or []),
+        "momentum_fp32": _storages(getattr(getattr(engine, "momentum", None), "m32", None) or []),
     }
     ds_opt = getattr(engine, "_ds_optimizer", None)
     if ds_opt is not None:  # DeepSpeed: fp32 masters, gradient partitions and buffers live on its wrapper
@@ -81,15 +81,12 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
     sys.path.insert(0, str(REPO))
     from moco_scale import build_moco
     from moco_scale.dist import init_distributed, shutdown
-    from moco_scale.engines import build_engine, load_engine_config
+    from moco_scale.engines import build_engine, load_engine_config, with_precision
 
     ctx = init_distributed(args.device, 600, require_group=True)
     cfg = load_engine_config(str(REPO / "ds_configs" / f"{args.config}.json"), args.batch, world)
     if args.precision:
-        if cfg["engine"] == "deepspeed":
-            cfg["deepspeed"]["bf16"] = {"enabled": args.precision == "bf16"}
-        else:
-            cfg["precision"] = args.precision
+        cfg = with_precision(cfg, args.precision)
     if args.activation_checkpointing is not None:
         cfg["activation_checkpointing"] = args.activation_checkpointing
     torch.manual_seed(0)

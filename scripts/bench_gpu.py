@@ -26,7 +26,7 @@ import torch
 from gpu_common import REPO, TINY, Table, init_single, measured_matmul_tflops, peak_gib, sync
 
 from moco_scale import build_moco
-from moco_scale.engines import build_engine, load_engine_config
+from moco_scale.engines import build_engine, load_engine_config, with_precision
 from moco_scale.flops import peak_tflops, step_flops_per_image
 from moco_scale.plan import Setup, activation_profile, estimate, model_shapes
 
@@ -54,10 +54,7 @@ def measure(engine_name: str, kwargs: dict, batch: int, ac: int, channels_last: 
     cfg_path = str(REPO / "ds_configs" / f"{engine_name}.json")
     cfg = load_engine_config(cfg_path, batch, 1)
     cfg["activation_checkpointing"] = ac
-    if cfg["engine"] == "deepspeed":
-        cfg["deepspeed"]["bf16"] = {"enabled": True}
-    else:
-        cfg["precision"] = "bf16"
+    cfg = with_precision(cfg, "bf16")
     torch.manual_seed(0)
     model = build_moco(**kwargs)
     planned = planned_gib(kwargs, model, cfg_path, batch, ac, optimizer)

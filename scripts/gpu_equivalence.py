@@ -13,7 +13,7 @@ from helpers import TINY_VIT, assert_losses_close, assert_matches_oracle, noise_
 from reference import Oracle
 
 from moco_scale import build_moco, schedules
-from moco_scale.engines import build_engine, load_engine_config
+from moco_scale.engines import build_engine, load_engine_config, with_precision
 
 CONFIGS = ["ddp", "fsdp", "fsdp_grad_op", "zero0", "zero1", "zero2", "zero3", "zero3_offload"]
 B, STEPS, ITERS, EPOCHS, WARMUP, LR, WD = 16, 3, 2, 2, 1, 0.05, 0.1
@@ -35,10 +35,7 @@ def oracle(batches, dtype, device):
 
 def run_engine(name: str, batches, ctx) -> tuple[list[float], dict]:
     cfg = load_engine_config(str(REPO / "ds_configs" / f"{name}.json"), B, 1)
-    if cfg["engine"] == "deepspeed":
-        cfg["deepspeed"]["bf16"] = {"enabled": False}
-    else:
-        cfg["precision"] = "fp32"
+    cfg = with_precision(cfg, "fp32")
     torch.manual_seed(0)
     engine = build_engine(build_moco(**TINY_VIT), "adamw", WD, cfg, ctx)
     losses = []

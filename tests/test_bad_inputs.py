@@ -15,7 +15,7 @@ from PIL import Image
 from moco_scale import build_moco
 from moco_scale.cli import main
 
-JUNK, JSON, CKPT, DATA, FAIRSCALE = "@junk", "@json", "@ckpt", "@data", "@fairscale"  # made per test: `files`
+JUNK, JSON, CKPT, DATA, FAIRSCALE, TYPO = "@junk", "@json", "@ckpt", "@data", "@fairscale", "@typo"  # see `files`
 
 CASES: list[tuple[list[str], str]] = [
     # numeric flags: the range each takes, checked by argparse (moco_scale/flags.py)
@@ -49,6 +49,9 @@ CASES: list[tuple[list[str], str]] = [
     # engine configs
     (["pretrain", "--engine-config", FAIRSCALE, "-b", "16"], "fairscale is not supported: its FSDP moved into "
      "PyTorch as torch.distributed.fsdp"),
+    (["pretrain", "--engine-config", TYPO, "-b", "16"], "unknown top-level key(s) 'zero_optimizaton' (did you mean "
+     "'zero_optimization'?)"),
+    (["plan", "--engine-config", TYPO], "unknown top-level key(s) 'zero_optimizaton'"),
     # data of the wrong shape
     (["probe", DATA, "--pretrained", CKPT], "/val does not exist"),
     # convert never overwrites its input, nor a folder
@@ -65,6 +68,8 @@ def files(tmp_path: Path) -> dict[str, str]:
     (tmp_path / "junk.bin").write_bytes(b"\x00\x01 not a checkpoint " * 8)
     (tmp_path / "engine.json").write_text(json.dumps({"engine": "ddp"}))
     (tmp_path / "fairscale.json").write_text(json.dumps({"engine": "fairscale"}))
+    (tmp_path / "typo.json").write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {"stage": 1},
+                                                    "zero_optimizaton": {"stage": 2}}))
     torch.manual_seed(0)
     model = build_moco(**TINY_VIT)
     kwargs = dict(TINY_VIT)
@@ -73,7 +78,8 @@ def files(tmp_path: Path) -> dict[str, str]:
     (tmp_path / "data" / "train" / "a").mkdir(parents=True)  # train/ without val/
     Image.new("RGB", (36, 36), (30, 20, 90)).save(tmp_path / "data" / "train" / "a" / "0.png")
     return {JUNK: str(tmp_path / "junk.bin"), JSON: str(tmp_path / "engine.json"), CKPT: str(tmp_path / "ckpt.pth.tar"),
-            DATA: str(tmp_path / "data"), FAIRSCALE: str(tmp_path / "fairscale.json")}
+            DATA: str(tmp_path / "data"), FAIRSCALE: str(tmp_path / "fairscale.json"),
+            TYPO: str(tmp_path / "typo.json")}
 
 
 def test_the_table_covers_every_command():

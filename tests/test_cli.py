@@ -94,7 +94,9 @@ def test_run_output(runs):
     assert rows[0]["lr"] == 0.0 and rows[1]["lr"] > 0 and rows[1]["epoch"] == pytest.approx(1 / 89)
     assert any((d / "tensorboard").iterdir())
     _, _, ckpt = read_run(d)
-    assert ckpt["epoch"] == 1 and ckpt["arch"] == "vit_tiny" and {"optimizer", "scaler"} <= set(ckpt)
+    # 3 of 89 steps: no epoch is complete (the reference's "epoch" is the next one to start); the step is recorded
+    assert ckpt["epoch"] == 0 and ckpt["arch"] == "vit_tiny" and {"optimizer", "scaler"} <= set(ckpt)
+    assert ckpt["moco_scale"]["step"] == STEPS and ckpt["moco_scale"]["iters_per_epoch"] == 89
     prefixes = {k.split(".")[1] for k in ckpt["state_dict"]}
     assert prefixes == {"base_encoder", "momentum_encoder", "predictor"}
     assert json.loads((d / "summary.json").read_text())["steps"] == STEPS

@@ -177,7 +177,7 @@ def test_zero3_finds_deepspeeds_gather_stream(ctx):
     cfg = load_engine_config(engine_config("zero3"), 8, 1)
     engine = build_engine(build_moco(**TINY_VIT), "adamw", 0.1, cfg, ctx)
     try:
-        assert engine._gather_stream is None
+        assert engine.momentum.gather_stream is None
         x = torch.randn(8, 3, 32, 32)
         assert torch.isfinite(engine.train_step(x, x, 1e-3, 0.99))
     finally:

@@ -18,7 +18,7 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
     """
 
     def __init__(self, num_samples: int, global_batch: int, world_size: int = 1, rank: int = 0,
-                 seed: int = 0, shuffle: bool = True) -> None:
+                 seed: int = 0) -> None:
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} does not divide by world size {world_size}")
         if num_samples < global_batch:
@@ -26,7 +26,7 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
                              f"of {global_batch}")
         self.num_samples, self.global_batch = num_samples, global_batch
         self.local_batch = global_batch // world_size
-        self.rank, self.seed, self.shuffle = rank, seed, shuffle
+        self.rank, self.seed = rank, seed
         self.epoch = self.start = 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -37,11 +37,7 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
         return self.num_samples // self.global_batch
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.num_samples, generator=g)
-        else:
-            order = torch.arange(self.num_samples)
+        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         for i in range(self.start, len(self)):
             start = i * self.global_batch + self.rank * self.local_batch
             yield [(self.epoch, int(j)) for j in order[start:start + self.local_batch]]

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from moco_scale.config import ConfigError, load_json, looks_like_deepspeed, validate
 from moco_scale.dist import DistContext
-from moco_scale.engines.base import Engine
+from moco_scale.engines.base import Engine, resolve_precision
 from moco_scale.engines.ddp import DDPEngine
-from moco_scale.engines.deepspeed import DeepSpeedEngine, requested_precision, resolve_deepspeed_config
+from moco_scale.engines.deepspeed import DeepSpeedEngine, resolve_deepspeed_config
 from moco_scale.engines.fsdp import FSDPEngine
 from moco_scale.models import MoCo
 
@@ -38,18 +40,43 @@ def load_engine_config(path: str | None, global_batch: int | None = None, world:
     return validate(cfg, cls.DEFAULTS, cls.CHOICES, f"engine config {path}")
 
 
+def engine_class(config: dict[str, Any]) -> type[Engine]:
+    """The engine a resolved config (load_engine_config) builds: ask it the policy questions."""
+    return ENGINES[config["engine"]]
+
+
+def engine_for_layout(layout: str, source: object) -> type[Engine]:
+    """The engine that reads checkpoint folders of `layout` (a meta.json's "engine")."""
+    for cls in ENGINES.values():
+        if cls.reads(layout):
+            return cls
+    raise ValueError(f"checkpoint {source} has layout {layout!r}, which no engine of this moco-scale reads")
+
+
 def build_engine(model: MoCo, optimizer: str, weight_decay: float, config: dict[str, Any],
                  ctx: DistContext) -> Engine:
-    return ENGINES[config["engine"]](model, optimizer, weight_decay, config, ctx)
+    return engine_class(config)(model, optimizer, weight_decay, config, ctx)
 
 
 def precision_asked(config: dict[str, Any]) -> str:
     """The precision an engine config asks for ("auto", "fp32", "bf16", "fp16"), before the device decides."""
-    return requested_precision(config["deepspeed"]) if config["engine"] == "deepspeed" else config["precision"]
+    return engine_class(config).requested_precision(config)
+
+
+def gpu_precision(config: dict[str, Any], override: str | None = None) -> str:
+    """The precision a GPU run of `config` trains in (the planner's question): the engines' one rule on a bf16 GPU."""
+    requested = override if override and override != "auto" else precision_asked(config)
+    return resolve_precision(requested, torch.device("cuda"), bf16_supported=True)
+
+
+def with_precision(config: dict[str, Any], precision: str) -> dict[str, Any]:
+    """A copy of `config` asking for `precision`, whichever engine it configures."""
+    return engine_class(config).with_precision(config, precision)
 
 
 def needs_process_group(config: dict[str, Any]) -> bool:
-    return ENGINES[config["engine"]].needs_process_group
+    return engine_class(config).needs_process_group
 
 
-__all__ = ["ENGINES", "Engine", "build_engine", "load_engine_config", "needs_process_group", "precision_asked"]
+__all__ = ["ENGINES", "Engine", "build_engine", "engine_class", "engine_for_layout", "gpu_precision",
+           "load_engine_config", "needs_process_group", "precision_asked", "with_precision"]

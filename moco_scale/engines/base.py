@@ -1,17 +1,22 @@
-"""The engine contract: everything the driver may ask of a training backend.
+"""The engine contract: everything the driver, the planner and the checkpoint tools may ask of a backend.
 
-An engine owns the wrapped model, the optimizer, mixed precision, the momentum update
-and the parameter layout (replicated or sharded). The driver holds no engine-specific
-code: it calls `train_step` and asks for state through the methods below.
+An engine owns the wrapped model, the optimizer, mixed precision, the momentum update, the
+parameter layout (replicated or sharded) and its checkpoint files. Nothing outside engines/
+names an engine: questions asked before an engine exists (its checkpoint layout, its label,
+the precision it asks for, whether it resumes a folder, how to read its files offline) are
+class methods taking the engine config; the rest are methods of a built engine.
 """
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
+from moco_scale.config import ConfigError
 from moco_scale.models import MoCo
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -48,6 +53,56 @@ class Engine(ABC):
     precision: str
     last_grad_norms: dict[str, float] = {}  # replaced by each train_step, never mutated
 
+    # -- policy: asked of an engine config, before (or without) building the engine ---------------
+    @classmethod
+    def layout(cls, cfg: dict[str, Any]) -> str:
+        """The checkpoint layout written into meta.json: engines that read each other's folders share one."""
+        return cls.name
+
+    @classmethod
+    def label(cls, cfg: dict[str, Any]) -> str:
+        """How the run's first line names the engine."""
+        return cls.name
+
+    @classmethod
+    def requested_precision(cls, cfg: dict[str, Any]) -> str:
+        """What the config asks for ("auto", "fp32", "bf16", "fp16"), before the device decides."""
+        return cfg["precision"]
+
+    @classmethod
+    def with_precision(cls, cfg: dict[str, Any], precision: str) -> dict[str, Any]:
+        """A copy of `cfg` asking for `precision` (benchmarks and checks that pin it)."""
+        return {**copy.deepcopy(cfg), "precision": precision}
+
+    @classmethod
+    def resume_config(cls, cfg: dict[str, Any], meta: dict[str, Any], source: Path) -> dict[str, Any]:
+        """The config that resumes the checkpoint folder `source` (its meta.json `meta`): `cfg` itself, or a
+        copy adjusted to read it; a ConfigError naming the way out where this engine cannot."""
+        if meta["engine"] != cls.layout(cfg):
+            raise ConfigError(f"--resume {source} was written by {meta['engine']} and this run uses "
+                              f"{cls.layout(cfg)}: their layouts differ. Consolidate it (moco-scale convert --to "
+                              f"reference {source} full.pth.tar) and --resume full.pth.tar, or resume with the same "
+                              "--engine-config")
+        return cfg
+
+    @classmethod
+    def reads(cls, layout: str) -> bool:
+        """Whether `read_model_state` reads folders of this layout."""
+        return layout == cls.name
+
+    @classmethod
+    def write_universal(cls, src: Path, out: Path, meta: dict[str, Any]) -> str:
+        """Write a universal form of the checkpoint folder `src` into the new folder `out` (convert --to universal);
+        returns where it resumes (the engines that can read it), for the user."""
+        raise ValueError(f"{src} was written by {meta['engine']}: universal checkpoints are made from DeepSpeed "
+                         "ZeRO 1-3 ones (torch.distributed.checkpoint folders of DDP and FSDP reshard as they are)")
+
+    @classmethod
+    @abstractmethod
+    def read_model_state(cls, folder: Path, meta: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict | None]:
+        """Offline, in one process: the whole fp32 model (reference names) of a checkpoint folder this engine
+        wrote, and its optimizer state in the reference's layout where it has one (else None)."""
+
     @abstractmethod
     def update_momentum(self, m: float) -> None:
         """theta_m = m theta_m + (1 - m) theta_b on the parameters this rank holds, in fp32."""
@@ -82,14 +137,22 @@ class Engine(ABC):
 
     @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model in the reference layout (base_encoder.*, momentum_encoder.*, predictor.*), fp32.
+        """The whole model in the reference layout (base_encoder.*, momentum_encoder.*, predictor.*), fp32, on
+        every rank: for tests and tools on small models, never in the training loop.
 
         A collective under sharding (call it on every rank); tensors may share storage with the live
         model, so clone what must outlive the next step."""
 
     @abstractmethod
-    def optimizer_state_dict(self) -> dict[str, Any]:
-        """Optimizer and loss-scaler state, for checkpoints."""
+    def reference_state(self) -> dict[str, Any] | None:
+        """What the reference's checkpoint.pth.tar holds: {"state_dict" (fp32, on the CPU, reference names),
+        "optimizer" (a torch state_dict over `model.trainable_parameters()`, or None where the engine's state is
+        partitioned), "scaler"} on rank 0, None on the others. A collective that gathers one tensor at a time:
+        no rank ever holds the whole model on its device beside its own shards."""
+
+    def load_reference_optimizer(self, optimizer: Any, scaler: Any) -> str | None:
+        """Restore a reference-format optimizer (and loss scaler) state; None when done, else why it cannot."""
+        return f"a {self.name} engine cannot take a single-file optimizer state"
 
     @abstractmethod
     def save(self, path: str) -> None:

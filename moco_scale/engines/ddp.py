@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from moco_scale.checkpoint import load_checkpoint
 from moco_scale.dist import DistContext
+from moco_scale.engines import dcp
 from moco_scale.engines.activation_checkpointing import apply_activation_checkpointing
 from moco_scale.engines.base import PRECISIONS, Engine, resolve_precision
 from moco_scale.models import MoCo
@@ -18,7 +17,7 @@ from moco_scale.optim import build_optimizer
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class DDPEngine(Engine):
+class DDPEngine(dcp.DCPCheckpoints, Engine):
     """Every rank holds the whole model; gradients are averaged by DDP's all-reduce.
 
     Parameters stay fp32 (autocast computes in bf16/fp16), so the momentum update is the
@@ -78,16 +77,3 @@ class DDPEngine(Engine):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
 
-    def optimizer_state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
-
-    def save(self, path: str) -> None:
-        if self.ctx.is_main:  # replicated: rank 0's copy is everyone's
-            torch.save({"model": self.model.state_dict(), **self.optimizer_state_dict()},
-                       os.path.join(path, "engine.pt"))
-
-    def load(self, path: str, saved_world_size: int) -> None:
-        state = load_checkpoint(os.path.join(path, "engine.pt"))
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])

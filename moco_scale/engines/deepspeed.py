@@ -22,6 +22,11 @@ import copy
 import gc
 import itertools
 import os
+import shutil
+import subprocess
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +34,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from moco_scale.checkpoint import load_checkpoint
 from moco_scale.config import ConfigError, validate
-from moco_scale.dist import DistContext
+from moco_scale.dist import DistContext, all_gather_flat
 from moco_scale.engines.activation_checkpointing import apply_activation_checkpointing
 from moco_scale.engines.base import Engine, resolve_precision
+from moco_scale.files import load_checkpoint
 from moco_scale.models import MoCo
 from moco_scale.models.chunking import PhasedChunks
 from moco_scale.optim import build_optimizer
@@ -83,7 +88,70 @@ def resolve_deepspeed_config(raw: dict[str, Any], source: str, global_batch: int
             cfg[key] = value
     # DeepSpeed clips at 1.0 unless told otherwise; the reference clips nothing
     cfg.setdefault("gradient_clipping", 0.0)
+    unknown = unknown_top_level_keys(cfg)
+    if unknown:
+        import difflib
+
+        known = sorted(_known_keys())
+        hints = [f"{k!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, known, 1))
+                             else "") for k in unknown]
+        raise ConfigError(f"engine config {source}: unknown top-level key(s) {', '.join(hints)}: DeepSpeed "
+                          "ignores keys it does not know, so a misspelled section would silently do nothing")
     return {"engine": "deepspeed", "zero_stage": stage, **ours, "deepspeed": cfg}
+
+
+class _ReadKeys(dict):
+    """A config dict that records which top-level keys DeepSpeed's parser asks for."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.read: set[str] = set()
+
+    def get(self, key, *default):
+        self.read.add(key)
+        return super().get(key, *default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key) -> bool:
+        self.read.add(key)
+        return super().__contains__(key)
+
+
+_KNOWN: set[str] = set()
+
+
+def _known_keys() -> set[str]:
+    """Top-level keys this DeepSpeed reads: those its config parser asks for, and the key names its config and
+    constants modules define (sections it reads only when present, through `keys()`)."""
+    if not _KNOWN:
+        import importlib
+        import pkgutil
+
+        import deepspeed
+        from deepspeed.runtime.config import DeepSpeedConfig
+
+        probe = _ReadKeys({"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1,
+                           "gradient_accumulation_steps": 1})
+        DeepSpeedConfig(probe)
+        _KNOWN.update(probe.read)
+        for info in pkgutil.walk_packages(deepspeed.__path__, "deepspeed."):
+            if not info.name.endswith(("constants", ".config")) or ".ops" in info.name or "inference" in info.name:
+                continue
+            try:
+                module = importlib.import_module(info.name)
+            except Exception:  # noqa: BLE001 - an optional feature's module that needs what is not installed
+                continue
+            _KNOWN.update(v for k, v in vars(module).items() if k.isupper() and isinstance(v, str))
+    return _KNOWN
+
+
+def unknown_top_level_keys(cfg: dict[str, Any]) -> list[str]:
+    """The keys of a DeepSpeed config that the installed DeepSpeed would never read (moco-scale checks them: it
+    does not)."""
+    return sorted(k for k in cfg if k not in _known_keys())
 
 
 #: the reference's dynamic loss scaler (init 2^16, growth interval 2000), for an fp16 section "auto" turns on
@@ -177,11 +245,271 @@ class BatchedCopy:
             self.done.record()
 
 
+def _zero0_masters(ds_optimizer: Any) -> dict[int, torch.Tensor]:
+    """Per-parameter fp32 masters of DeepSpeed's ZeRO-0 16-bit optimizer (fused: flat; unfused: a list)."""
+    views: dict[int, torch.Tensor] = {}
+    if hasattr(ds_optimizer, "fp32_groups_flat"):
+        for params, flat in zip(ds_optimizer.fp16_groups, ds_optimizer.fp32_groups_flat, strict=True):
+            offsets = itertools.accumulate((p.numel() for p in params), initial=0)
+            views.update({id(p): flat.narrow(0, o, p.numel()).view_as(p)
+                          for p, o in zip(params, offsets, strict=False)})
+    else:
+        for params, masters in zip(ds_optimizer.fp16_groups, ds_optimizer.fp32_groups, strict=True):
+            views.update({id(p): t.view_as(p) for p, t in zip(params, masters, strict=True)})
+    return views
+
+
+class Momentum(ABC):
+    """The momentum encoder's fp32 values in one of DeepSpeed's layouts, chosen once (`momentum_layout`).
+    `pairs` are (momentum, base) parameters, as MoCo.momentum_pairs gives them."""
+
+    def __init__(self, pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]], ctx: DistContext) -> None:
+        self.pairs, self.ctx = pairs, ctx
+
+    @abstractmethod
+    def update(self, m: float) -> None:
+        """theta_m = m theta_m + (1 - m) theta_b in fp32, and the module's momentum weights follow."""
+
+    @abstractmethod
+    def full(self) -> Iterator[torch.Tensor]:
+        """The whole fp32 momentum parameters, one at a time, in `pairs` order (a collective where sharded:
+        consume it on every rank)."""
+
+    @abstractmethod
+    def load(self, full: list[torch.Tensor]) -> None:
+        """Place whole fp32 momentum parameters into this layout (the inverse of `full`)."""
+
+
+class Replicated(Momentum):
+    """fp32, ZeRO 0-2: the module's parameters are the fp32 values on every rank; a local lerp, as in DDP."""
+
+    def update(self, m: float) -> None:
+        torch._foreach_lerp_([p for p, _ in self.pairs], [b for _, b in self.pairs], 1.0 - m)
+
+    def full(self) -> Iterator[torch.Tensor]:
+        return (p.detach() for p, _ in self.pairs)
+
+    def load(self, full: list[torch.Tensor]) -> None:
+        for (p, _), t in zip(self.pairs, full, strict=True):
+            p.copy_(t.reshape(p.shape).to(p.device, p.dtype))
+
+
+class MasterCopy(Momentum):
+    """16-bit ZeRO-0: DeepSpeed keeps whole fp32 masters on every rank, so does the momentum encoder; a local
+    lerp against the masters, then a cast into the 16-bit weights."""
+
+    def __init__(self, pairs, ctx, masters: dict[int, torch.Tensor]) -> None:
+        super().__init__(pairs, ctx)
+        self.masters = [masters[id(b)] for _, b in pairs]
+        self.m32 = [t.detach().clone() for t in self.masters]
+
+    def update(self, m: float) -> None:
+        torch._foreach_lerp_(self.m32, self.masters, 1.0 - m)
+        torch._foreach_copy_([p for p, _ in self.pairs], self.m32)
+
+    def full(self) -> Iterator[torch.Tensor]:
+        return (s.detach() for s in self.m32)
+
+    def load(self, full: list[torch.Tensor]) -> None:
+        for (p, _), s, t in zip(self.pairs, self.m32, full, strict=True):
+            s.copy_(t.reshape(s.shape).to(s.device, torch.float32))
+            p.copy_(s)
+
+
+class Fragments(Momentum):
+    """16-bit ZeRO 1-2: one fp32 fragment per parameter slice this rank's optimizer owns, lerped against the
+    master fragment, then one all-reduce of a 16-bit buffer rebuilds the replicated momentum weights (as ZeRO
+    1/2 all-gathers the base weights after each step)."""
+
+    def __init__(self, pairs, ctx, dtype: torch.dtype) -> None:
+        super().__init__(pairs, ctx)
+        self.dtype = dtype
+        self.offsets = list(itertools.accumulate((b.numel() for _, b in pairs), initial=0))
+        self.m32 = [None if b._hp_mapping is None else b._hp_mapping.get_hp_fragment().detach().clone()
+                    for _, b in pairs]
+
+    def _owned(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(pair index, momentum fp32 fragment, base fp32 master fragment) for the slices this rank owns."""
+        return [(i, s, b._hp_mapping.get_hp_fragment())
+                for i, (s, (_, b)) in enumerate(zip(self.m32, self.pairs, strict=True)) if s is not None]
+
+    def _assemble(self, dtype: torch.dtype) -> torch.Tensor:
+        """The full momentum parameters as one flat buffer: each rank fills its fragments, one all-reduce."""
+        buf = torch.zeros(self.offsets[-1], dtype=dtype, device=self.ctx.device)
+        for i, state, _ in self._owned():
+            addr = self.pairs[i][1]._hp_mapping.lp_fragment_address
+            buf.narrow(0, self.offsets[i] + addr.start, addr.numel).copy_(state.view(-1))
+        dist.all_reduce(buf)
+        return buf
+
+    def update(self, m: float) -> None:
+        owned = self._owned()
+        if owned:
+            torch._foreach_lerp_([s for _, s, _ in owned], [h for _, _, h in owned], 1.0 - m)
+        buf = self._assemble(self.dtype)
+        for (p, _), start in zip(self.pairs, self.offsets, strict=False):
+            p.copy_(buf.narrow(0, start, p.numel()).view_as(p))
+
+    def full(self) -> Iterator[torch.Tensor]:
+        buf = self._assemble(torch.float32)  # the module holds the whole 16-bit encoder anyway: twice its size
+        return (buf.narrow(0, start, p.numel()).view_as(p) for (p, _), start in
+                zip(self.pairs, self.offsets, strict=False))
+
+    def load(self, full: list[torch.Tensor]) -> None:
+        for (p, b), s, t in zip(self.pairs, self.m32, full, strict=True):
+            flat = t.reshape(-1).to(self.ctx.device, torch.float32)
+            p.copy_(flat.view_as(p))
+            if s is not None:
+                addr = b._hp_mapping.lp_fragment_address
+                s.reshape(-1).copy_(flat.narrow(0, addr.start, addr.numel))
+
+
+class Partitions(Momentum):
+    """ZeRO-3: one fp32 partition per parameter, lerped against `safe_get_local_fp32_param` (beside the fp32
+    masters: on the CPU under optimizer offload), then copied into the momentum parameter's own partition:
+    local, no communication. Where that partition is itself the fp32 state (fp32, same device), it is the state."""
+
+    def __init__(self, pairs, ctx, ds_optimizer: Any) -> None:
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        super().__init__(pairs, ctx)
+        masters = [safe_get_local_fp32_param(b) for _, b in pairs]
+        self.m32 = [m.ds_tensor if (m.ds_tensor.dtype, m.ds_tensor.device) == (t.dtype, t.device)
+                    else t.detach().clone() for (m, _), t in zip(pairs, masters, strict=True)]
+        copies = [(p.ds_tensor, s) for (p, _), s in zip(pairs, self.m32, strict=True) if p.ds_tensor is not s]
+        self.to_partitions = BatchedCopy([d for d, _ in copies], [s for _, s in copies]) if copies else None
+        self.gather_stream = _zero3_gather_stream(ds_optimizer)
+
+    def update(self, m: float) -> None:
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        torch._foreach_lerp_(self.m32, [safe_get_local_fp32_param(b) for _, b in self.pairs], 1.0 - m)
+        if self.to_partitions is not None:
+            self.to_partitions.run()
+        if self.gather_stream is not None:
+            # DeepSpeed all-gathers partitions on its own stream without waiting for the default one, where the
+            # values above were written: without this wait the forward could gather last step's values
+            self.gather_stream.wait_stream(torch.cuda.current_stream())
+
+    def full(self) -> Iterator[torch.Tensor]:
+        for (p, _), s in zip(self.pairs, self.m32, strict=True):
+            gathered = torch.empty(s.numel() * self.ctx.world_size, dtype=torch.float32, device=self.ctx.device)
+            all_gather_flat(gathered, s.detach().reshape(-1).to(self.ctx.device, torch.float32))
+            yield gathered[:p.ds_numel].view(p.ds_shape)
+
+    def load(self, full: list[torch.Tensor]) -> None:
+        for (p, _), s, t in zip(self.pairs, self.m32, full, strict=True):
+            flat = t.reshape(-1).to(self.ctx.device, torch.float32)
+            start, n = self.ctx.rank * s.numel(), s.numel()
+            part = torch.zeros(n, dtype=torch.float32, device=flat.device)
+            avail = max(0, min(n, flat.numel() - start))
+            part[:avail] = flat[start:start + avail]
+            s.reshape(-1).copy_(part)
+            if p.ds_tensor is not s:
+                p.ds_tensor.reshape(-1).copy_(part)
+
+
+class _ThroughEngine:
+    """The phase methods of MoCo (models/chunking.Phases) called through DeepSpeed's engine, whose forward runs
+    ZeRO-3's start/end-of-forward hooks: the engine's module forwards to the phase for that one call."""
+
+    def __init__(self, ds: Any, model: MoCo) -> None:
+        self.ds, self.model = ds, model
+
+    def _call(self, method: str, *inputs: torch.Tensor) -> torch.Tensor:
+        self.model.forward = getattr(self.model, method)  # an instance attribute: nn.Module.__call__ finds it
+        try:
+            return self.ds(*inputs)
+        finally:
+            del self.model.forward
+
+    def base_features(self, crops: torch.Tensor) -> torch.Tensor:
+        return self._call("base_features", crops)
+
+    def momentum_features(self, crops: torch.Tensor) -> torch.Tensor:
+        return self._call("momentum_features", crops)
+
+    def loss_from_features(self, features: torch.Tensor, momentum_features: torch.Tensor) -> torch.Tensor:
+        return self._call("loss_from_features", features, momentum_features)
+
+
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
     DEFAULTS = {"engine": "deepspeed", "zero_stage": 0, **MOCO_SCALE_DEFAULTS, "deepspeed": {}}
     needs_process_group = True
 
+    # -- policy ---------------------------------------------------------------------------------------
+    @classmethod
+    def layout(cls, cfg: dict[str, Any]) -> str:
+        return f"deepspeed ZeRO-{cfg['zero_stage']}"  # partitions differ per stage
+
+    label = layout
+
+    @classmethod
+    def requested_precision(cls, cfg: dict[str, Any]) -> str:
+        return requested_precision(cfg["deepspeed"])
+
+    @classmethod
+    def with_precision(cls, cfg: dict[str, Any], precision: str) -> dict[str, Any]:
+        out = copy.deepcopy(cfg)
+        ds = out["deepspeed"]
+        ds["bf16"] = {**ds.get("bf16", {}), "enabled": {"bf16": True, "auto": "auto"}.get(precision, False)}
+        ds["fp16"] = {**ds.get("fp16", {}), "enabled": precision == "fp16"}
+        return out
+
+    @classmethod
+    def resume_config(cls, cfg: dict[str, Any], meta: dict[str, Any], source: Path) -> dict[str, Any]:
+        """A universal checkpoint (convert --to universal) loads at any world size within its stage group."""
+        if not meta.get("universal"):
+            return super().resume_config(cfg, meta, source)
+        saved_stage3, stage3 = meta["engine"].endswith("ZeRO-3"), cfg["zero_stage"] == 3
+        if saved_stage3 != stage3:  # measured with deepspeed 0.19.8: its model files are named per stage group
+            raise ConfigError(f"--resume {source} is a universal checkpoint of {meta['engine']}; DeepSpeed loads it "
+                              f"into {'ZeRO-3' if saved_stage3 else 'ZeRO 1-2'} only, and this run uses "
+                              f"ZeRO-{cfg['zero_stage']}. Convert the original --to reference and --resume "
+                              "that file instead (the optimizer starts fresh)")
+        out = copy.deepcopy(cfg)
+        out["deepspeed"].setdefault("checkpoint", {})["load_universal"] = True
+        return out
+
+    @classmethod
+    def reads(cls, layout: str) -> bool:
+        return layout.startswith("deepspeed ZeRO-")
+
+    @classmethod
+    def read_model_state(cls, folder: Path, meta: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict | None]:
+        """fp32 masters from DeepSpeed's partitions (zero_to_fp32), the fp32 momentum encoder from momentum.pt;
+        no optimizer state (DeepSpeed's is partitioned)."""
+        tag = folder / _DS_TAG
+        if meta["engine"].endswith("ZeRO-0"):
+            # no partitions: the module as DeepSpeed saved it (fp32 runs: exact; 16-bit runs: rounded weights)
+            model = load_checkpoint(str(tag / "mp_rank_00_model_states.pt"))["module"]
+        else:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            model = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=_DS_TAG)
+        momentum = load_checkpoint(str(folder / "momentum.pt"))
+        for name, tensor in zip(momentum["names"], momentum["tensors"], strict=True):
+            model[f"momentum_encoder.{name}"] = tensor
+        return dict(model), None
+
+    @classmethod
+    def write_universal(cls, src: Path, out: Path, meta: dict[str, Any]) -> str:
+        """DeepSpeed's ds_to_universal of `src` into the new folder `out`, momentum.pt (fp32 momentum encoder, BN
+        statistics) beside it: loadable at any world size within its stage group (ZeRO 1-2, or 3)."""
+        if meta["engine"].endswith("ZeRO-0"):
+            super().write_universal(src, out, meta)
+        res = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                              str(src / _DS_TAG), "--output_folder", str(out / UNIVERSAL_TAG),
+                              "--inject_missing_state"],  # ZeRO 1-2: the Megatron-only client state it asks for
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            raise ValueError(f"DeepSpeed's ds_to_universal failed on {src / _DS_TAG}:\n{res.stderr[-2000:]}")
+        shutil.copy2(src / "momentum.pt", out / "momentum.pt")
+        # measured with deepspeed 0.19.8: a universal checkpoint's model files are named per stage group
+        return "ZeRO-3" if meta["engine"].endswith("ZeRO-3") else "ZeRO-1 or ZeRO-2"
+
+    # -- building -------------------------------------------------------------------------------------
     def __init__(self, model: MoCo, optimizer: str, weight_decay: float, config: dict[str, Any],
                  ctx: DistContext) -> None:
         import deepspeed
@@ -201,7 +529,7 @@ class DeepSpeedEngine(Engine):
         self._chunks = None
         if self.stage == 3 and config["backbone_chunk"]:
             model.check_backbone_chunk(config["backbone_chunk"])
-            self._chunks = PhasedChunks(lambda *inputs, part: self.ds(*inputs, part=part), config["backbone_chunk"])
+            self._chunks = "pending"  # built once DeepSpeed wraps the model, below
         else:
             model.set_backbone_chunk(config["backbone_chunk"])
         model.to(ctx.device)
@@ -212,8 +540,7 @@ class DeepSpeedEngine(Engine):
         trainable = model.trainable_parameters()
         # the momentum encoder's own fp32 values (equal to the base at a fresh start, not on a resume from a
         # reference file): taken before DeepSpeed casts or partitions the module
-        momentum_init = [m.detach().float().cpu().clone() for m, b in zip(
-            model.momentum_encoder.parameters(), model.base_encoder.parameters(), strict=True) if b.requires_grad]
+        momentum_init = [m.detach().float().cpu().clone() for _, m, _ in model.momentum_pairs()]
         self.optimizer = build_optimizer(optimizer, trainable, weight_decay)
         # a plain process (no launcher) has a group of one but none of the variables DeepSpeed checks for
         for key, value in (("LOCAL_RANK", ctx.local_rank), ("RANK", ctx.rank), ("WORLD_SIZE", ctx.world_size)):
@@ -229,95 +556,29 @@ class DeepSpeedEngine(Engine):
                 if buf is not None and buf.dtype != torch.float32:
                     setattr(bn, name, buf.float())
         self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        self._pairs = [(m, b) for m, b in zip(model.momentum_encoder.parameters(), model.base_encoder.parameters(),
-                                               strict=True) if b.requires_grad]
-        self._momentum_names = [name for (name, _), b in zip(model.momentum_encoder.named_parameters(),
-                                                             model.base_encoder.parameters(), strict=True)
-                                if b.requires_grad]
-        self._init_momentum_state()
-        self._set_momentum(momentum_init)
+        pairs = model.momentum_pairs()
+        self._pairs = [(m, b) for _, m, b in pairs]
+        self._momentum_names = [name for name, _, _ in pairs]
+        self._master_by_id = _zero0_masters(self._ds_optimizer) if self.stage == 0 and self._dtype else {}
+        self.momentum = self._momentum_layout()
+        with torch.no_grad():
+            self.momentum.load(momentum_init)
+        if self._chunks == "pending":
+            self._chunks = PhasedChunks(_ThroughEngine(self.ds, model), config["backbone_chunk"])
 
-    # -- momentum encoder -------------------------------------------------------------------------
-    def _init_momentum_state(self) -> None:
-        from deepspeed.utils import safe_get_local_fp32_param
-
+    def _momentum_layout(self) -> Momentum:
         if self.stage == 3:
-            self._mode = "partition"
-            # the fp32 state sits beside the fp32 masters it is lerped against (on the CPU under optimizer offload);
-            # the momentum parameter's own partition serves where it already is that (fp32, same device)
-            masters = [safe_get_local_fp32_param(b) for _, b in self._pairs]
-            self._m32 = [m.ds_tensor if (m.ds_tensor.dtype, m.ds_tensor.device) == (t.dtype, t.device)
-                         else t.detach().clone() for (m, _), t in zip(self._pairs, masters, strict=True)]
-            copies = [(p.ds_tensor, s) for (p, _), s in zip(self._pairs, self._m32, strict=True)
-                      if p.ds_tensor is not s]
-            self._to_partitions = BatchedCopy([d for d, _ in copies], [s for _, s in copies]) if copies else None
-            self._gather_stream = _zero3_gather_stream(self._ds_optimizer)
-        elif self._dtype is None:
-            self._mode = "replicated"
-        elif self.stage == 0:
-            self._mode = "master_copy"
-            self._master_by_id = self._master_views()
-            self._masters = [self._master_by_id[id(b)] for _, b in self._pairs]
-            self._m32 = [t.detach().clone() for t in self._masters]
-        else:
-            self._mode = "fragments"
-            self._offsets = list(itertools.accumulate((b.numel() for _, b in self._pairs), initial=0))
-            self._m32 = [None if b._hp_mapping is None else b._hp_mapping.get_hp_fragment().detach().clone()
-                         for _, b in self._pairs]
-
-    def _master_views(self) -> dict[int, torch.Tensor]:
-        """Per-parameter fp32 masters of DeepSpeed's ZeRO-0 16-bit optimizer (fused: flat; unfused: a list)."""
-        opt = self._ds_optimizer
-        views: dict[int, torch.Tensor] = {}
-        if hasattr(opt, "fp32_groups_flat"):
-            for params, flat in zip(opt.fp16_groups, opt.fp32_groups_flat, strict=True):
-                offsets = itertools.accumulate((p.numel() for p in params), initial=0)
-                views.update({id(p): flat.narrow(0, o, p.numel()).view_as(p)
-                              for p, o in zip(params, offsets, strict=False)})
-        else:
-            for params, masters in zip(opt.fp16_groups, opt.fp32_groups, strict=True):
-                views.update({id(p): t.view_as(p) for p, t in zip(params, masters, strict=True)})
-        return views
-
-    def _owned(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(pair index, momentum fp32 fragment, base fp32 master fragment) for the slices this rank owns."""
-        return [(i, s, b._hp_mapping.get_hp_fragment())
-                for i, (s, (_, b)) in enumerate(zip(self._m32, self._pairs, strict=True)) if s is not None]
-
-    def _assemble(self, dtype: torch.dtype) -> torch.Tensor:
-        """The full momentum parameters as one flat buffer: each rank fills its fragments, one all-reduce."""
-        buf = torch.zeros(self._offsets[-1], dtype=dtype, device=self.ctx.device)
-        for i, state, _ in self._owned():
-            addr = self._pairs[i][1]._hp_mapping.lp_fragment_address
-            buf.narrow(0, self._offsets[i] + addr.start, addr.numel).copy_(state.view(-1))
-        dist.all_reduce(buf)
-        return buf
+            return Partitions(self._pairs, self.ctx, self._ds_optimizer)
+        if self._dtype is None:
+            return Replicated(self._pairs, self.ctx)
+        if self.stage == 0:
+            return MasterCopy(self._pairs, self.ctx, self._master_by_id)
+        return Fragments(self._pairs, self.ctx, self._dtype)
 
     @torch.no_grad()
     def update_momentum(self, m: float) -> None:
-        if self._mode == "replicated":
-            torch._foreach_lerp_([p for p, _ in self._pairs], [p for _, p in self._pairs], 1.0 - m)
-        elif self._mode == "master_copy":
-            torch._foreach_lerp_(self._m32, self._masters, 1.0 - m)
-            torch._foreach_copy_([p for p, _ in self._pairs], self._m32)
-        elif self._mode == "partition":
-            from deepspeed.utils import safe_get_local_fp32_param
+        self.momentum.update(m)
 
-            masters = [safe_get_local_fp32_param(b) for _, b in self._pairs]
-            torch._foreach_lerp_(self._m32, masters, 1.0 - m)
-            if self._to_partitions is not None:
-                self._to_partitions.run()
-            if self._gather_stream is not None:
-                # DeepSpeed all-gathers partitions on its own stream without waiting for the default one, where
-                # the values above were written: without this wait the forward could gather last step's values
-                self._gather_stream.wait_stream(torch.cuda.current_stream())
-        else:
-            owned = self._owned()
-            if owned:
-                torch._foreach_lerp_([s for _, s, _ in owned], [h for _, _, h in owned], 1.0 - m)
-            buf = self._assemble(self._dtype)
-            for (p, _), start in zip(self._pairs, self._offsets, strict=False):
-                p.copy_(buf.narrow(0, start, p.numel()).view_as(p))
 
     # -- training step ----------------------------------------------------------------------------
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
@@ -363,54 +624,44 @@ class DeepSpeedEngine(Engine):
 
         if self.stage < 3 and self._dtype is None:
             return p.detach()
-        if self._mode == "master_copy":
+        if id(p) in self._master_by_id:
             return self._master_by_id[id(p)].detach()
         return safe_get_full_fp32_param(p)
 
-    def _full_momentum(self) -> list[torch.Tensor]:
-        if self._mode == "replicated":
-            return [p.detach() for p, _ in self._pairs]
-        if self._mode == "master_copy":
-            return [s.detach() for s in self._m32]
-        if self._mode == "fragments":
-            buf = self._assemble(torch.float32)
-            return [buf.narrow(0, start, p.numel()).view_as(p) for (p, _), start in
-                    zip(self._pairs, self._offsets, strict=False)]
-        out = []
-        for (p, _), s in zip(self._pairs, self._m32, strict=True):
-            gathered = torch.empty(s.numel() * self.ctx.world_size, dtype=torch.float32, device=self.ctx.device)
-            dist.all_gather_single(gathered, s.detach().reshape(-1).to(self.ctx.device, torch.float32))
-            out.append(gathered[:p.ds_numel].view(p.ds_shape))
-        return out
+    def _full_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, whole fp32 tensor) for the model's state dict, one at a time: each may be a collective."""
+        params = dict(self.model.named_parameters())
+        momentum = dict(zip((f"momentum_encoder.{n}" for n in self._momentum_names), self.momentum.full(),
+                            strict=False))  # a generator: each gathered when its name comes
+        for name in self.model.state_dict():
+            if name not in params:
+                yield name, self.model.get_buffer(name).detach()
+            elif name in self._frozen:
+                yield name, self._frozen[name]
+            elif name.startswith("momentum_encoder."):
+                twin = "base_encoder." + name.removeprefix("momentum_encoder.")
+                yield name, momentum[name] if name in momentum else self._frozen[twin]
+            else:
+                yield name, self._full_base(params[name])
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """fp32 masters of the base encoder and predictor, the fp32 momentum encoder, fp32 BN statistics."""
-        params = dict(self.model.named_parameters())
-        momentum = {id(p): t for (p, _), t in zip(self._pairs, self._full_momentum(), strict=True)}
-        out = {}
-        for name in self.model.state_dict():
-            if name not in params:
-                out[name] = self.model.get_buffer(name).detach()
-            elif name in self._frozen:
-                out[name] = self._frozen[name]
-            elif name.startswith("momentum_encoder."):
-                p = params[name]
-                twin = "base_encoder." + name.removeprefix("momentum_encoder.")
-                out[name] = momentum[id(p)] if id(p) in momentum else self._frozen[twin]
-            else:
-                out[name] = self._full_base(params[name])
-        return out
+        return dict(self._full_tensors())
 
-    def optimizer_state_dict(self) -> dict[str, Any]:
-        # DeepSpeed's optimizer state is partitioned; it is saved in DeepSpeed's own sharded
-        # checkpoint format, not in the reference's single file
-        return {"optimizer": None, "scaler": None}
+    def reference_state(self) -> dict[str, Any] | None:
+        """Gathered one tensor at a time, kept (on the CPU) by rank 0 only; DeepSpeed's optimizer state is
+        partitioned, and stays in its own checkpoint format."""
+        out = {}
+        for name, t in self._full_tensors():
+            if self.ctx.is_main:
+                out[name] = t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype, copy=True)
+        return {"state_dict": out, "optimizer": None, "scaler": None} if self.ctx.is_main else None
 
     def save(self, path: str) -> None:
         """DeepSpeed's own sharded format under path/deepspeed, plus the fp32 momentum encoder in momentum.pt:
         DeepSpeed keeps no fp32 copy of it (in 16-bit modes its module weights are rounded)."""
         self.ds.save_checkpoint(path, tag=_DS_TAG, save_latest=False)
-        momentum = [t.detach().to("cpu", copy=True) for t in self._full_momentum()]  # a collective
+        momentum = [t.detach().to("cpu", copy=True) for t in self.momentum.full()]  # a collective
         if self.ctx.is_main:  # BN statistics too: a universal checkpoint carries trainable parameters only
             buffers = {n: b.detach().cpu().clone() for n, b in self.model.named_buffers()}
             torch.save({"names": self._momentum_names, "tensors": momentum, "buffers": buffers},
@@ -436,38 +687,16 @@ class DeepSpeedEngine(Engine):
         saved = load_checkpoint(os.path.join(path, "momentum.pt"))
         if saved["names"] != self._momentum_names:
             raise ValueError(f"checkpoint {path}/momentum.pt holds another model's momentum encoder")
-        self._set_momentum(saved["tensors"])
         with torch.no_grad():
+            self.momentum.load(saved["tensors"])
             for name, value in saved.get("buffers", {}).items():
                 buf = self.model.get_buffer(name)
                 buf.copy_(value.to(buf.device, buf.dtype))
-
-    @torch.no_grad()
-    def _set_momentum(self, full: list[torch.Tensor]) -> None:
-        """Place whole fp32 momentum parameters into this rank's layout (the inverse of _full_momentum)."""
-        for i, ((p, b), t) in enumerate(zip(self._pairs, full, strict=True)):
-            flat = t.reshape(-1).to(self.ctx.device, torch.float32)
-            if self._mode == "partition":
-                state = self._m32[i]
-                start, n = self.ctx.rank * state.numel(), state.numel()
-                part = torch.zeros(n, dtype=torch.float32, device=flat.device)
-                avail = max(0, min(n, flat.numel() - start))
-                part[:avail] = flat[start:start + avail]
-                state.reshape(-1).copy_(part)
-                if p.ds_tensor is not state:
-                    p.ds_tensor.reshape(-1).copy_(part)
-                continue
-            p.copy_(flat.view_as(p))
-            if self._mode == "master_copy":
-                self._m32[i].copy_(flat.view_as(self._m32[i]))
-            elif self._mode == "fragments" and self._m32[i] is not None:
-                addr = b._hp_mapping.lp_fragment_address
-                self._m32[i].reshape(-1).copy_(flat.narrow(0, addr.start, addr.numel))
 
     def close(self) -> None:
         """Measured on gloo: without this, ZeRO-2/3 ranks abort at interpreter exit in about a quarter of runs."""
         if self.ds is not None:
             self.ds.destroy()
         self.ds = self._ds_optimizer = self.optimizer = None
-        self._m32, self._to_partitions = [], None
+        self.momentum = None
         gc.collect()

@@ -9,20 +9,20 @@ no communication, as in DINOv2's teacher.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-from moco_scale.checkpoint import load_checkpoint
 from moco_scale.dist import DistContext
+from moco_scale.engines import dcp
 from moco_scale.engines.activation_checkpointing import apply_activation_checkpointing
 from moco_scale.engines.base import PRECISIONS, Engine, resolve_precision
 from moco_scale.models import MoCo, backbone_blocks, projector
 from moco_scale.models.chunking import PhasedChunks
+from moco_scale.models.moco import PHASES
 from moco_scale.optim import build_optimizer
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -36,7 +36,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-class FSDPEngine(Engine):
+class FSDPEngine(dcp.DCPCheckpoints, Engine):
     """FSDP2 full shard (`reshard_after_forward: true`) or gradient/optimizer sharding only (false)."""
 
     name = "fsdp"
@@ -64,10 +64,13 @@ class FSDPEngine(Engine):
             fully_shard(projector(encoder), **shard)
         fully_shard(model.predictor, **shard)
         fully_shard(model, **shard)
-        self._pairs = [(m, b) for m, b in zip(model.momentum_encoder.parameters(), model.base_encoder.parameters(),
-                                               strict=True) if b.requires_grad]
+        self._pairs = [(m, b) for _, m, b in model.momentum_pairs()]
         self._reshard_after_forward = config["reshard_after_forward"]
-        self._chunks = PhasedChunks(self.model, config["backbone_chunk"]) if config["backbone_chunk"] else None
+        self._chunks = None
+        if config["backbone_chunk"]:
+            for method in PHASES:  # the root's hooks (gather, reshard) run around each phase, as around forward
+                register_fsdp_forward_method(model, method)
+            self._chunks = PhasedChunks(self.model, config["backbone_chunk"])
         # the units a chunked pass runs once per chunk: the backbone blocks and the root (patch embedding, tokens,
         # final norm); the heads and the predictor run once per step
         self._base_units = [model, *backbone_blocks(model.base_encoder)]
@@ -136,32 +139,7 @@ class FSDPEngine(Engine):
         """Every rank gathers every tensor (a collective in the same order everywhere)."""
         return {k: _full(v) for k, v in self.model.state_dict().items()}
 
-    def optimizer_state_dict(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    @classmethod
+    def label(cls, cfg: dict[str, Any]) -> str:
+        return "fsdp full shard" if cfg["reshard_after_forward"] else "fsdp grad/optimizer shard"
 
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return {"optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=opts),
-                "scaler": None if self.scaler is None else self.scaler.state_dict()}
-
-    def save(self, path: str) -> None:
-        """torch.distributed.checkpoint: each rank writes its shards; a later load reshards to any world size."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=path)
-        if self.scaler is not None and self.ctx.is_main:
-            torch.save(self.scaler.state_dict(), os.path.join(path, "scaler.pt"))
-
-    def load(self, path: str, saved_world_size: int) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_state, "optimizer": optim_state}
-        dcp.load(state, checkpoint_id=path)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"])
-        scaler_file = os.path.join(path, "scaler.pt")
-        if self.scaler is not None and os.path.exists(scaler_file):
-            self.scaler.load_state_dict(load_checkpoint(scaler_file))

@@ -20,8 +20,17 @@ Two forms, one per kind of engine:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
+
+
+class Phases(Protocol):
+    """The MoCo methods a phased step calls (an engine hands the model, or an adapter through its wrapper)."""
+
+    def base_features(self, crops: torch.Tensor) -> torch.Tensor: ...
+    def momentum_features(self, crops: torch.Tensor) -> torch.Tensor: ...
+    def loss_from_features(self, features: torch.Tensor, momentum_features: torch.Tensor) -> torch.Tensor: ...
 
 
 class _ChunkedParams(torch.autograd.Function):
@@ -64,7 +73,7 @@ def chunked(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk:
 
 
 class PhasedChunks:
-    """The chunked step as separate passes of the engine's wrapped module `call(*inputs, part=...)`.
+    """The chunked step as separate passes of the phase methods of `phases` (see `Phases`).
 
     `forward` runs every chunk of both encoders without autograd and returns the loss computed from
     the features, which are an autograd leaf; `backward` back-propagates that loss (gradients of the
@@ -75,18 +84,18 @@ class PhasedChunks:
     (FSDP), or `grad_scale` divides it out where the engine scales every backward (DeepSpeed).
     """
 
-    def __init__(self, call: Callable[..., torch.Tensor], chunk: int) -> None:
-        self.call, self.chunk = call, chunk
+    def __init__(self, phases: Phases, chunk: int) -> None:
+        self.phases, self.chunk = phases, chunk
         self._crops: tuple[torch.Tensor, ...] = ()
         self._features: torch.Tensor | None = None
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         self._crops = torch.cat([x1, x2]).split(self.chunk)
         with torch.no_grad():
-            features = torch.cat([self.call(c, part="base_features") for c in self._crops])
-            momentum = torch.cat([self.call(c, part="momentum_features") for c in self._crops])
+            features = torch.cat([self.phases.base_features(c) for c in self._crops])
+            momentum = torch.cat([self.phases.momentum_features(c) for c in self._crops])
         self._features = features.requires_grad_()
-        return self.call(self._features, momentum, part="loss_from_features")
+        return self.phases.loss_from_features(self._features, momentum)
 
     def backward(self, loss: torch.Tensor, backward: Callable[[torch.Tensor], None],
                  before_chunk: Callable[[int, int], None], grad_scale: float = 1.0) -> None:
@@ -100,5 +109,5 @@ class PhasedChunks:
         grad = features.grad if grad_scale == 1.0 else features.grad / grad_scale
         for i, (c, g) in enumerate(zip(crops, grad.split(self.chunk), strict=True)):
             before_chunk(i, len(crops))
-            out = self.call(c, part="base_features")
+            out = self.phases.base_features(c)
             backward((out * g.to(out.dtype)).sum())

@@ -73,13 +73,26 @@ class MoCo(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the optimizer updates: base encoder and predictor, without frozen parameters."""
-        return [p for p in (*self.base_encoder.parameters(), *self.predictor.parameters()) if p.requires_grad]
+        return [p for _, p in self.trainable_named_parameters()]
+
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """`trainable_parameters` with their names, in the same order (the optimizer state's order)."""
+        return [(f"{prefix}.{n}", p) for prefix, part in (("base_encoder", self.base_encoder),
+                                                           ("predictor", self.predictor))
+                for n, p in part.named_parameters() if p.requires_grad]
+
+    def momentum_pairs(self) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
+        """(name in the momentum encoder, momentum parameter, base parameter) for every parameter the EMA moves:
+        the trainable ones (a frozen base parameter, the fixed position embedding or a stop-grad conv1, never
+        changes, nor does its twin). The one pairing every engine and the planner use."""
+        return [(n, m, b) for (n, m), b in zip(self.momentum_encoder.named_parameters(),
+                                               self.base_encoder.parameters(), strict=True) if b.requires_grad]
 
     @torch.no_grad()
     def update_momentum(self, m: float) -> None:
         """theta_m <- m theta_m + (1 - m) theta_b over parameters (not BN buffers), no predictor."""
-        torch._foreach_lerp_(list(self.momentum_encoder.parameters()), list(self.base_encoder.parameters()),
-                             1.0 - m)
+        pairs = self.momentum_pairs()
+        torch._foreach_lerp_([p for _, p, _ in pairs], [b for _, _, b in pairs], 1.0 - m)
 
     def _features(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not self.backbone_chunk:
@@ -96,19 +109,9 @@ class MoCo(nn.Module):
         head = projector(encoder)
         return head(f1), head(f2)
 
-    def forward(self, *inputs: torch.Tensor, m: float | None = None, part: str = "loss") -> torch.Tensor:
-        """part "loss" (x1, x2): momentum update with m (skipped when None: an engine did it), then the
-        symmetric loss. The phased chunked step (models/chunking.py) calls the other parts one at a time,
-        through the engine's wrapped module so that its parameter-gathering hooks run:
-        "base_features" / "momentum_features" (crops), "loss_from_features" (features of both views)."""
-        if part in ("base_features", "momentum_features"):  # a copy: a view would carry FSDP2's hook poorly
-            encoder = self.base_encoder if part == "base_features" else self.momentum_encoder
-            return backbone_features(encoder, *inputs).clone()
-        if part == "loss_from_features":
-            return self.loss_from_features(*inputs)
-        if part != "loss":
-            raise ValueError(f"unknown MoCo forward part {part!r}")
-        x1, x2 = inputs
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, m: float | None = None) -> torch.Tensor:
+        """The symmetric loss of the two views, called as the reference's module is: `model(x1, x2, m)` first
+        moves the momentum encoder with m; engines update it themselves and pass no m."""
         if m is not None:
             self.update_momentum(m)
         z1, z2 = self.encode(self.base_encoder, x1, x2)
@@ -116,6 +119,14 @@ class MoCo(nn.Module):
         with torch.no_grad():
             k1, k2 = self.encode(self.momentum_encoder, x1, x2)
         return symmetric_loss(q1, q2, k1, k2, self.temperature)
+
+    # the phased chunked step (models/chunking.py) runs these one at a time, through the engine's wrapped module
+    def base_features(self, crops: torch.Tensor) -> torch.Tensor:
+        """Backbone features of the base encoder (a copy: a view would carry FSDP2's hooks poorly)."""
+        return backbone_features(self.base_encoder, crops).clone()
+
+    def momentum_features(self, crops: torch.Tensor) -> torch.Tensor:
+        return backbone_features(self.momentum_encoder, crops).clone()
 
     def loss_from_features(self, features: torch.Tensor, momentum_features: torch.Tensor) -> torch.Tensor:
         """The loss from backbone features of both views stacked (view 1 first): heads per view, as `forward`."""
@@ -126,6 +137,11 @@ class MoCo(nn.Module):
             head_m = projector(self.momentum_encoder)
             k1, k2 = (head_m(f) for f in momentum_features.chunk(2))
         return symmetric_loss(q1, q2, k1, k2, self.temperature)
+
+
+#: the phase methods an engine routes through its wrapped module
+PHASES = ("base_features", "momentum_features", "loss_from_features")
+
 
 def _without_head(encoder: nn.Module) -> list[nn.Module]:
     head = projector(encoder)

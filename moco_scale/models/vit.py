@@ -5,21 +5,30 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import NamedTuple
 
 import torch
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-# name: (embed_dim, depth, num_heads, patch_size, conv_stem)
-VIT_ARCHS: dict[str, tuple[int, int, int, int, bool]] = {
-    "vit_tiny": (192, 12, 3, 16, False),
-    "vit_small": (384, 12, 12, 16, False),  # 12 heads, not DeiT's 6
-    "vit_base": (768, 12, 12, 16, False),
-    "vit_large": (1024, 24, 16, 16, False),
-    "vit_huge": (1280, 32, 16, 14, False),
-    "vit_conv_small": (384, 11, 12, 16, True),
-    "vit_conv_base": (768, 11, 12, 16, True),
+
+class ViTArch(NamedTuple):
+    embed_dim: int
+    depth: int
+    num_heads: int
+    patch_size: int
+    conv_stem: bool
+
+
+VIT_ARCHS: dict[str, ViTArch] = {
+    "vit_tiny": ViTArch(192, 12, 3, 16, False),
+    "vit_small": ViTArch(384, 12, 12, 16, False),  # 12 heads, not DeiT's 6
+    "vit_base": ViTArch(768, 12, 12, 16, False),
+    "vit_large": ViTArch(1024, 24, 16, 16, False),
+    "vit_huge": ViTArch(1280, 32, 16, 14, False),
+    "vit_conv_small": ViTArch(384, 11, 12, 16, True),
+    "vit_conv_base": ViTArch(768, 11, 12, 16, True),
 }
 
 

@@ -1,0 +1,116 @@
+"""Nothing saved is lost (issue 16's data-loss cases, with real files, in-process: a launcher adds nothing):
+after each fault every complete checkpoint that existed is still there or moved aside, `latest` names a folder
+that exists, and --resume auto resumes the current timeline."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import torch
+from helpers import COMMON_TINY_RUN
+from PIL import Image
+
+from moco_scale import checkpoint
+from moco_scale.checkpoint import find_latest
+from moco_scale.pretrain import main
+
+RUN = [a for a in COMMON_TINY_RUN if a not in ("--max-steps", "1")]
+
+
+def pretrain(out: Path, *extra: str) -> int:
+    return main([*RUN, "--output-dir", str(out), *extra])
+
+
+def steps(ckpts: Path) -> list[str]:
+    return sorted(p.name for p in ckpts.glob("step_*"))
+
+
+def every_complete(root: Path) -> dict[int, list[Path]]:
+    """Every folder holding a meta.json under the run (kept or moved aside), by step."""
+    found: dict[int, list[Path]] = {}
+    for meta in root.rglob("meta.json"):
+        found.setdefault(json.loads(meta.read_text())["step"], []).append(meta.parent)
+    return found
+
+
+def test_a_resume_from_an_older_step_starts_a_new_timeline(tmp_path, capsys):
+    run, ckpts = tmp_path / "R", tmp_path / "R" / "checkpoints"
+    assert pretrain(run, "--max-steps", "5", "--save-every", "1", "--keep-last", "4") == 0
+    assert steps(ckpts) == [f"step_0000000{i}" for i in (2, 3, 4, 5)]
+    before = every_complete(run)
+    capsys.readouterr()
+    assert pretrain(run, "--max-steps", "3", "--save-every", "1", "--keep-last", "4",
+                    "--resume", str(ckpts / "step_00000002")) == 0
+    err = capsys.readouterr().err
+    assert "abandoned timeline (step_00000003, step_00000004, step_00000005)" in err
+    superseded = list((ckpts / "superseded").iterdir())
+    assert len(superseded) == 1 and steps(superseded[0]) == ["step_00000003", "step_00000004", "step_00000005"]
+    assert steps(ckpts) == ["step_00000002", "step_00000003"]  # the resumed run's own step 3, and its source
+    assert (ckpts / "latest").read_text() == "step_00000003" and (ckpts / "step_00000003" / "meta.json").is_file()
+    assert all(step in every_complete(run) for step in before)  # nothing complete was deleted
+    assert find_latest(ckpts) == ckpts / "step_00000003"  # not the abandoned step 5
+    assert pretrain(run, "--max-steps", "4", "--save-every", "1", "--keep-last", "4", "--resume", "auto") == 0
+    out, err = capsys.readouterr()
+    assert f"resumed from {ckpts / 'step_00000003'} at step 3" in out + err
+
+
+def test_retention_moves_a_damaged_folder_aside_and_keeps_good_ones(tmp_path, capsys):
+    run, ckpts = tmp_path / "R", tmp_path / "R" / "checkpoints"
+    assert pretrain(run, "--max-steps", "3", "--save-every", "1", "--keep-last", "3") == 0
+    (ckpts / "step_00000003" / "engine.pt").unlink(missing_ok=True)
+    for f in (ckpts / "step_00000003").glob("*.distcp"):
+        f.unlink()
+    capsys.readouterr()
+    assert pretrain(run, "--max-steps", "3", "--save-every", "1", "--keep-last", "2", "--resume", "auto") == 0
+    out, err = capsys.readouterr()
+    assert f"resumed from {ckpts / 'step_00000002'} at step 2" in out + err
+    assert steps(ckpts) == ["step_00000002", "step_00000003"]  # the good step 2 kept, step 3 written anew
+    assert verify_ok(ckpts / "step_00000003") and verify_ok(ckpts / "step_00000002")
+    damaged = list((ckpts / "damaged").iterdir())
+    assert len(damaged) == 1 and damaged[0].name.startswith("step_00000003") and "damaged" in err
+
+
+def verify_ok(folder: Path) -> bool:
+    checkpoint.verify(folder)
+    return True
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_saved(tmp_path, capsys):
+    run = tmp_path / "R"
+    assert pretrain(run, "--max-steps", "2", "--save-every", "1") == 0
+    data = tmp_path / "broken" / "train" / "a"
+    data.mkdir(parents=True)
+    for i in range(16):
+        Image.new("RGB", (40, 40), (i * 10, 20, 90)).save(data / f"{i}.jpg")
+    (data / "3.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    capsys.readouterr()
+    assert main([*RUN, str(tmp_path / "broken"), "--output-dir", str(run), "--max-steps", "2", "--overwrite"]) != 0
+    assert "3.jpg" in capsys.readouterr().err
+    aside = list(tmp_path.glob("R.overwritten-*"))
+    assert len(aside) == 1 and steps(aside[0] / "checkpoints") == ["step_00000001", "step_00000002"]
+    # a run that saves: what it moved aside (the failed run's folder) goes once it holds a checkpoint
+    assert main([*RUN, "--output-dir", str(run), "--max-steps", "1", "--overwrite"]) == 0
+    assert steps(run / "checkpoints") == ["step_00000001"]
+    assert list(tmp_path.glob("R.overwritten-*")) == aside  # the old run's checkpoints are still there
+
+
+def test_a_full_disk_names_the_intact_checkpoint_and_leaves_no_partial_folder(tmp_path, capsys, monkeypatch):
+    run, ckpts = tmp_path / "R", tmp_path / "R" / "checkpoints"
+    assert pretrain(run, "--max-steps", "1") == 0
+    real_save = torch.save
+
+    def full(obj, f, *args, **kwargs):
+        if "rng_rank" in str(f):  # after the engine's files: the folder is half written
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    capsys.readouterr()
+    assert pretrain(run, "--max-steps", "2", "--resume", "auto") == 1
+    err = capsys.readouterr().err
+    assert "no space left on device while writing" in err and f"{ckpts / 'step_00000001'} is intact" in err
+    assert steps(ckpts) == ["step_00000001"] and not list(ckpts.glob(".*.tmp"))
+    assert (ckpts / "latest").read_text() == "step_00000001"
+    verify_ok(ckpts / "step_00000001")

@@ -15,3 +15,14 @@ def restore_environment():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """-m slow for the in-process equivalence at world 4 in fp32: fp64 at world 4 holds the sharding to 1e-10, and
+    fp32 (the rounding-noise rules) runs at world 1 and 2; the pair of a fixture parameter and a test parameter can
+    not be marked where either is declared."""
+    for item in items:
+        if getattr(item, "originalname", "") == "test_engine_matches_oracle" and "'fp32')" in item.name \
+                and item.name.endswith("-4]"):
+            item.add_marker(pytest.mark.slow)

@@ -4,8 +4,11 @@ and half-written checkpoints, and refusals that name the way out."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -33,10 +36,20 @@ LAUNCH = {"ddp": lambda w: torchrun(w), "fsdp": lambda w: torchrun(w), "zero3": 
 
 
 def pretrain(config: str, world: int, out: Path, *extra: str) -> str:
-    """Under the engine's launcher; DDP at world 1 as one plain process (the cheapest way to test the driver)."""
-    plain_process = config == "ddp" and world == 1
-    res = run_cli([*(["pretrain"] if plain_process else []), *COMMON, "--engine-config", engine_config(config),
-                   "--output-dir", str(out), *extra], launcher=None if plain_process else LAUNCH[config](world))
+    """Under the engine's launcher; DDP at world 1 in this process (the cheapest way to test the driver: the
+    command line's own path is test_cli's). Returns what it printed, warnings included."""
+    args = [*COMMON, "--engine-config", engine_config(config), "--output-dir", str(out), *extra]
+    if config == "ddp" and world == 1:
+        from moco_scale.pretrain import main
+
+        printed = io.StringIO()
+        with redirect_stdout(printed), redirect_stderr(printed), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rc = main(args)
+        log = printed.getvalue() + "\n".join(str(w.message) for w in caught)
+        assert rc == 0, log[-3000:]
+        return log
+    res = run_cli(args, launcher=LAUNCH[config](world))
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout + res.stderr
 

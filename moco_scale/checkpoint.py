@@ -188,6 +188,12 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
         self._point_latest()
 
+    def discard_aside(self) -> None:
+        """Delete the old run --overwrite moved aside: once this run holds a checkpoint, or at its end. Rank 0."""
+        if self.ctx.is_main and self.discard_after_first_save is not None:
+            shutil.rmtree(self.discard_after_first_save, ignore_errors=True)
+            self.discard_after_first_save = None
+
     def save(self, engine: Engine, position: dict[str, Any]) -> Path:
         """A collective. `position` (step and what is derived from it, model, ...) goes into meta.json."""
         final = self.folder(position["step"])
@@ -220,9 +226,7 @@ class CheckpointManager:
             os.replace(tmp, final)
             atomic_write_text(self.root / LATEST, name)
             self._retain()
-            if self.discard_after_first_save is not None:
-                shutil.rmtree(self.discard_after_first_save, ignore_errors=True)
-                self.discard_after_first_save = None
+            self.discard_aside()
         self.last_saved = position["step"]
         _barrier(self.ctx)
         return final

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import sys
 import time
 import warnings
@@ -388,8 +387,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             break
 
     stop.close()
-    if ctx.is_main and manager.discard_after_first_save is not None:  # --overwrite, and this run saved nothing
-        shutil.rmtree(manager.discard_after_first_save, ignore_errors=True)
+    manager.discard_aside()  # --overwrite, and this run saved nothing
     # strict JSON: null where there is no value (no logged step), a checkpoint named only where one was written
     summary = {"steps": step, "epochs": step / iters,
                "final_loss": last_loss if math.isfinite(last_loss) else None, "interrupted": interrupted,

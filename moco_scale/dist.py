@@ -159,7 +159,9 @@ class StopRequest:
     save and exit 0; a second Ctrl-C aborts at once (KeyboardInterrupt), as a user pressing it twice means.
 
     The handler only records the signal; `agreed()` at a step boundary makes every rank decide the same,
-    since the signal reaches ranks at different moments (one tiny all-reduce per step)."""
+    since the signal reaches ranks at different moments. That takes a tiny all-reduce whose answer the host
+    must read (a sync with the device), so ranks agree on logging steps only: the save follows within
+    --print-freq steps of the signal. One process answers at every step, at no cost."""
 
     def __init__(self, ctx: DistContext) -> None:
         self.ctx, self.signal_name = ctx, None
@@ -174,9 +176,12 @@ class StopRequest:
         if signum == signal.SIGINT:  # the next Ctrl-C is the default one: abort
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    def agreed(self) -> bool:
+    def agreed(self, may_sync: bool) -> bool:
+        """Whether every rank stops now; `may_sync`: this step may wait for the device (a logging step)."""
         if not self.ctx.is_distributed or self.ctx.world_size == 1:
             return self.requested
+        if not may_sync:
+            return False
         flag = torch.tensor([1.0 if self.requested else 0.0], device=self.ctx.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

@@ -1,11 +1,30 @@
-"""Optimizers as the reference uses them: AdamW for ViT, LARS for ResNet."""
+"""Optimizers as the reference uses them: AdamW for ViT, LARS for ResNet; both multi-tensor and free of host
+syncs (no `.item()` in a step), so the host runs ahead of the device."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _sum_over_shards(values: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """Sums per-shard values over the ranks holding the other shards of `params`: one all-reduce for all of
+    them (FSDP2 parameters are dim-0 shards of one mesh), none for plain tensors."""
+    meshes = {p.device_mesh for p in params if isinstance(p, DTensor)}
+    if not meshes:
+        return values
+    if len(meshes) > 1 or any(not all(isinstance(pl, Shard) for pl in p.placements) for p in params):
+        raise ValueError("LARS sums squared norms over shards: every parameter must be sharded on one mesh")
+    dist.all_reduce(values, group=meshes.pop().get_group())
+    return values
 
 
 class LARS(torch.optim.Optimizer):
@@ -13,8 +32,9 @@ class LARS(torch.optim.Optimizer):
 
     d = g + wd p; d *= trust * ||p|| / ||d|| (1 where either norm is 0); mu = momentum mu + d;
     p -= lr mu. Parameters with ndim <= 1 (biases, BN) take the plain momentum update.
-    `whole_norm` gives the norm of a whole parameter; a sharding engine replaces it with
-    one that all-reduces the squared shard norms.
+    Multi-tensor (torch._foreach_*): the norms of all parameters are computed at once and stay on
+    the device. Sharded (DTensor) parameters take their whole-parameter norms from one all-reduce
+    of every shard's squared norms per step, not one per parameter.
     """
 
     def __init__(self, params: Iterable[nn.Parameter], lr: float = 0.0, weight_decay: float = 0.0,
@@ -22,31 +42,33 @@ class LARS(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
                                       trust_coefficient=trust_coefficient))
 
-    @staticmethod
-    def whole_norm(t: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.vector_norm(t)
-
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad
-                if p.ndim > 1:
-                    d = d.add(p, alpha=group["weight_decay"])
-                    p_norm, d_norm = self.whole_norm(p), self.whole_norm(d)
-                    one = torch.ones_like(p_norm)
-                    ratio = torch.where(p_norm > 0, torch.where(d_norm > 0, group["trust_coefficient"] * p_norm
-                                                                / d_norm, one), one)
-                    d = d.mul(ratio)
-                state = self.state[p]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p)
-                mu = state["mu"]
-                mu.mul_(group["momentum"]).add_(d)
-                p.add_(mu, alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if "mu" not in self.state[p]:
+                    self.state[p]["mu"] = torch.zeros_like(p)
+            wide = [p for p in params if p.ndim > 1]
+            flat = [p for p in params if p.ndim <= 1]
+            updates = [_local(p.grad) for p in flat]
+            if wide:
+                w = [_local(p) for p in wide]
+                d = torch._foreach_add([_local(p.grad) for p in wide], w, alpha=group["weight_decay"])
+                squares = torch.stack(torch._foreach_norm([*w, *d])).square()
+                p_norm, d_norm = _sum_over_shards(squares, wide).sqrt().chunk(2)
+                ratio = torch.where((p_norm > 0) & (d_norm > 0), group["trust_coefficient"] * p_norm / d_norm,
+                                    torch.ones_like(p_norm))
+                torch._foreach_mul_(d, list(ratio.unbind()))
+                updates = [*d, *updates]
+            ordered = [*wide, *flat]
+            mus = [_local(self.state[p]["mu"]) for p in ordered]
+            torch._foreach_mul_(mus, group["momentum"])
+            torch._foreach_add_(mus, updates)
+            torch._foreach_add_([_local(p) for p in ordered], mus, alpha=-group["lr"])
         return loss
 
 
@@ -54,10 +76,15 @@ OPTIMIZERS = ("adamw", "lars")
 
 
 def build_optimizer(name: str, params: Iterable[nn.Parameter], weight_decay: float) -> torch.optim.Optimizer:
-    """The lr is set every iteration by the schedule, so it starts at 0 here."""
+    """The lr is set every iteration by the schedule, so it starts at 0 here.
+
+    AdamW is torch's fused implementation, on CUDA and on the CPU alike: foreach and the per-parameter loop
+    read each parameter's step counter with `.item()` unless capturable, which the CPU is not; fused keeps the
+    counters with the kernel (and takes GradScaler's inverse scale and inf flag on the device)."""
     params = [p for p in params if p.requires_grad]
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay,
+                                 fused=True)
     if name == "lars":
         return LARS(params, lr=0.0, weight_decay=weight_decay, momentum=0.9, trust_coefficient=0.001)
     raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")

@@ -369,7 +369,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             **meter.read()})
             if step == total_steps:
                 break
-            if stop.agreed():
+            if stop.agreed(may_sync=logging):
                 saved = manager.save(engine, position())
                 logger.message(f"{stop.signal_name or 'a signal on another rank'}: saved {saved} at step {step}; "
                                "exiting (continue with --resume auto)")
@@ -399,6 +399,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             json.dump(summary, f, indent=2, allow_nan=False)
         if summary["skipped_images"]:
             logger.message(f"skipped {summary['skipped_images']} unreadable image(s) (--skip-bad-data)")
+    loss_text = "no step logged" if summary["final_loss"] is None else f"final loss {summary['final_loss']:.4f}"
+    logger.message(f"moco-scale: {'stopped' if interrupted else 'done'} at step {step}/{total_steps} after "
+                   f"{summary['seconds']:.0f} s, {loss_text}; summary in {args.output_dir}/summary.json")
     logger.close()
     engine.close()
     return summary

@@ -1,10 +1,12 @@
-"""Run output on rank 0: tqdm progress, metrics.jsonl and TensorBoard."""
+"""Run output on rank 0: tqdm progress on a terminal, one plain line per logged step elsewhere (a SLURM log,
+nohup, a file), metrics.jsonl and TensorBoard."""
 
 from __future__ import annotations
 
 import json
 import os
 import resource
+import sys
 import time
 from typing import Any
 
@@ -35,13 +37,16 @@ def _drop_after(path: str, step: int) -> None:
 class RunLogger:
     """Writes one JSON object per logged step and mirrors it to TensorBoard and the progress bar.
 
-    Ranks other than 0 get a disabled logger, so the driver calls it unconditionally.
+    Ranks other than 0 get a disabled logger, so the driver calls it unconditionally. The bar redraws only
+    on a terminal: where stderr is not one, each logged step prints one line instead of carriage returns.
     """
 
-    def __init__(self, out_dir: str, enabled: bool, total_steps: int, initial_step: int = 0) -> None:
-        self.enabled = enabled
-        self.bar = tqdm(total=total_steps, initial=initial_step, disable=not enabled, dynamic_ncols=True,
-                        desc="pretrain", unit="step", mininterval=1.0)
+    def __init__(self, out_dir: str, enabled: bool, total_steps: int, initial_step: int = 0,
+                 terminal: bool | None = None) -> None:
+        self.enabled, self.total = enabled, total_steps
+        self.plain = not (sys.stderr.isatty() if terminal is None else terminal)
+        self.bar = tqdm(total=total_steps, initial=initial_step, disable=not enabled or self.plain,
+                        dynamic_ncols=True, desc="pretrain", unit="step", mininterval=1.0)
         self.jsonl = self.tb = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
@@ -67,11 +72,17 @@ class RunLogger:
                    "data": f"{100 * metrics['data_wait_frac']:.0f}%", "mem": f"{metrics['peak_mem_gib']:.1f}G"}
         if metrics.get("mfu") is not None:
             postfix["mfu"] = f"{100 * metrics['mfu']:.1f}%"
-        self.bar.set_postfix(postfix, refresh=False)
+        if self.plain:
+            eta = time.strftime("%H:%M:%S", time.gmtime(metrics["eta_s"]))
+            fields = " ".join(f"{k} {v}" for k, v in postfix.items() if k != "/rank")
+            self.message(f"step {metrics['step']}/{self.total} {fields} eta {eta}")
+        else:
+            self.bar.set_postfix(postfix, refresh=False)
 
     def message(self, text: str) -> None:
         if self.enabled:
-            self.bar.write(text)
+            tqdm.write(text, file=sys.stdout)
+            sys.stdout.flush()
 
     def close(self) -> None:
         self.bar.close()

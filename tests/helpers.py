@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -163,3 +164,30 @@ def engine_config(name: str) -> str:
 def deepspeed_launcher(nproc: int) -> list[str]:
     return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
             "--module", "moco_scale.pretrain"]
+
+
+class OpCounter(TorchDispatchMode):
+    """What the dispatcher sees of host syncs and communication inside a `with` block: `syncs` counts
+    `aten._local_scalar_dense` (the op behind .item(), bool(), float() of a tensor) and device-to-host copies;
+    `collectives` lists (op name, elements, bytes per element) of the largest tensor of each c10d op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncs: list[str] = []
+        self.collectives: list[tuple[str, int, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.syncs.append("_local_scalar_dense")
+        elif func.namespace in ("c10d", "_c10d_functional"):
+            tensors = [t for a in args for t in (a if isinstance(a, list | tuple) else [a])
+                       if isinstance(t, torch.Tensor)]
+            big = max(tensors, key=torch.Tensor.numel)
+            self.collectives.append((func.overloadpacket.__name__, big.numel(), big.element_size()))
+        elif func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            src = args[1] if func is torch.ops.aten.copy_.default else args[0]
+            dst = args[0].device if func is torch.ops.aten.copy_.default else kwargs.get("device") or src.device
+            if isinstance(src, torch.Tensor) and torch.device(dst).type == "cpu" and src.device.type != "cpu":
+                self.syncs.append(f"copy {src.device} -> {dst}")
+        return func(*args, **kwargs)

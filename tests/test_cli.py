@@ -48,6 +48,7 @@ def runs(tmp_path_factory):
             args = [*ARCH_FLAGS[arch], *COMMON, "--output-dir", str(d)]
             res = run_cli(args, launcher=launcher()) if launcher else run_cli(["pretrain", *args])
             assert res.returncode == 0, res.stderr[-3000:]
+            (d / "launch.log").write_text(res.stdout + res.stderr)
             out[arch, name] = d
     return out
 
@@ -102,6 +103,13 @@ def test_run_output(runs):
     prefixes = {k.split(".")[1] for k in ckpt["state_dict"]}
     assert prefixes == {"base_encoder", "momentum_encoder", "predictor"}
     assert json.loads((d / "summary.json").read_text())["steps"] == STEPS
+    # not a terminal (as a SLURM log): no bar redraws, one plain line per logged step, the start and end lines
+    log = (d / "launch.log").read_text()
+    assert "\r" not in log
+    lines = [line for line in log.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == [f"{s}/{STEPS}" for s in range(1, STEPS + 1)], log
+    assert all(f" {k} " in lines[0] for k in ("loss", "lr", "m", "img/s", "data", "mem", "eta"))
+    assert "moco-scale: vit_tiny, world 2" in log and f"moco-scale: done at step {STEPS}/{STEPS}" in log
 
 
 def test_report_writes_plots_with_data_and_a_summary(runs, tmp_path):

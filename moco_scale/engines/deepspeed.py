@@ -9,7 +9,7 @@ stored in bf16 rounds away):
 - ZeRO-3: one fp32 partition per parameter, lerped against `safe_get_local_fp32_param`, then
   copied into the momentum parameter's 16-bit partition: local, no communication.
 - ZeRO 1-2 in 16 bits: one fp32 fragment per parameter slice this rank's optimizer owns, lerped
-  locally, then one all-reduce of a 16-bit buffer rebuilds the replicated momentum weights
+  locally, then one all-gather of the 16-bit fragments rebuilds the replicated momentum weights
   (as ZeRO 1/2 all-gathers the base weights after each step).
 - ZeRO 0 in 16 bits: DeepSpeed keeps whole fp32 masters on every rank; so does the momentum
   encoder: a local lerp, then a cast into the 16-bit weights.
@@ -318,50 +318,72 @@ class MasterCopy(Momentum):
 
 class Fragments(Momentum):
     """16-bit ZeRO 1-2: one fp32 fragment per parameter slice this rank's optimizer owns, lerped against the
-    master fragment, then one all-reduce of a 16-bit buffer rebuilds the replicated momentum weights (as ZeRO
-    1/2 all-gathers the base weights after each step)."""
+    master fragment; then one all-gather of every rank's fragments (16-bit) rebuilds the replicated momentum
+    weights, as ZeRO 1/2 all-gathers the base weights after each step: half the bytes of an all-reduce of a
+    full buffer. Which rank owns which slices is exchanged once, here."""
 
     def __init__(self, pairs, ctx, dtype: torch.dtype) -> None:
         super().__init__(pairs, ctx)
         self.dtype = dtype
-        self.offsets = list(itertools.accumulate((b.numel() for _, b in pairs), initial=0))
-        self.m32 = [None if b._hp_mapping is None else b._hp_mapping.get_hp_fragment().detach().clone()
-                    for _, b in pairs]
+        self.m32, mine = [], []
+        for i, (_, b) in enumerate(pairs):
+            if b._hp_mapping is not None:
+                addr = b._hp_mapping.lp_fragment_address
+                self.m32.append(b._hp_mapping.get_hp_fragment().detach().clone())
+                mine.append((i, addr.start, addr.numel))
+        owners = [mine]
+        if ctx.is_distributed and ctx.world_size > 1:
+            owners = [None] * ctx.world_size
+            dist.all_gather_object(owners, mine)
+        self.slot = max(sum(n for _, _, n in frags) for frags in owners)  # each rank's share of the gather
+        #: per pair: (offset in the gathered buffer, start in the parameter, length) of each of its fragments
+        self.pieces: list[list[tuple[int, int, int]]] = [[] for _ in pairs]
+        for r, frags in enumerate(owners):
+            offset = r * self.slot
+            for i, start, n in frags:
+                self.pieces[i].append((offset, start, n))
+                offset += n
+        self.sizes = [n for _, _, n in mine]
 
-    def _owned(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(pair index, momentum fp32 fragment, base fp32 master fragment) for the slices this rank owns."""
-        return [(i, s, b._hp_mapping.get_hp_fragment())
-                for i, (s, (_, b)) in enumerate(zip(self.m32, self.pairs, strict=True)) if s is not None]
-
-    def _assemble(self, dtype: torch.dtype) -> torch.Tensor:
-        """The full momentum parameters as one flat buffer: each rank fills its fragments, one all-reduce."""
-        buf = torch.zeros(self.offsets[-1], dtype=dtype, device=self.ctx.device)
-        for i, state, _ in self._owned():
-            addr = self.pairs[i][1]._hp_mapping.lp_fragment_address
-            buf.narrow(0, self.offsets[i] + addr.start, addr.numel).copy_(state.view(-1))
-        dist.all_reduce(buf)
-        return buf
+    def _gather(self, dtype: torch.dtype) -> torch.Tensor:
+        """Every rank's fragments side by side: one all-gather (world x slot elements)."""
+        local = torch.zeros(self.slot, dtype=dtype, device=self.ctx.device)
+        if self.m32:
+            torch._foreach_copy_(list(local[:sum(self.sizes)].split(self.sizes)), [s.view(-1) for s in self.m32])
+        if self.ctx.world_size == 1:
+            return local
+        out = torch.empty(self.slot * self.ctx.world_size, dtype=dtype, device=self.ctx.device)
+        all_gather_flat(out, local)
+        return out
 
     def update(self, m: float) -> None:
-        owned = self._owned()
-        if owned:
-            torch._foreach_lerp_([s for _, s, _ in owned], [h for _, _, h in owned], 1.0 - m)
-        buf = self._assemble(self.dtype)
-        for (p, _), start in zip(self.pairs, self.offsets, strict=False):
-            p.copy_(buf.narrow(0, start, p.numel()).view_as(p))
+        if self.m32:  # the masters asked for each time: DeepSpeed relinks its fragments when it loads a checkpoint
+            masters = [b._hp_mapping.get_hp_fragment() for _, b in self.pairs if b._hp_mapping is not None]
+            torch._foreach_lerp_(self.m32, masters, 1.0 - m)
+        buf = self._gather(self.dtype)
+        dst, src = [], []
+        for (p, _), pieces in zip(self.pairs, self.pieces, strict=True):
+            for offset, start, n in pieces:
+                dst.append(p.view(-1).narrow(0, start, n))
+                src.append(buf.narrow(0, offset, n))
+        torch._foreach_copy_(dst, src)
 
     def full(self) -> Iterator[torch.Tensor]:
-        buf = self._assemble(torch.float32)  # the module holds the whole 16-bit encoder anyway: twice its size
-        return (buf.narrow(0, start, p.numel()).view_as(p) for (p, _), start in
-                zip(self.pairs, self.offsets, strict=False))
+        buf = self._gather(torch.float32)  # the module holds the whole 16-bit encoder anyway: twice its size
+        for (p, _), pieces in zip(self.pairs, self.pieces, strict=True):
+            whole = torch.empty(p.numel(), dtype=torch.float32, device=buf.device)
+            for offset, start, n in pieces:
+                whole.narrow(0, start, n).copy_(buf.narrow(0, offset, n))
+            yield whole.view_as(p)
 
     def load(self, full: list[torch.Tensor]) -> None:
-        for (p, b), s, t in zip(self.pairs, self.m32, full, strict=True):
+        owned = iter(self.m32)
+        for (p, b), t in zip(self.pairs, full, strict=True):
             flat = t.reshape(-1).to(self.ctx.device, torch.float32)
             p.copy_(flat.view_as(p))
-            if s is not None:
+            if b._hp_mapping is not None:
                 addr = b._hp_mapping.lp_fragment_address
-                s.reshape(-1).copy_(flat.narrow(0, addr.start, addr.numel))
+                next(owned).reshape(-1).copy_(flat.narrow(0, addr.start, addr.numel))
 
 
 class Partitions(Momentum):

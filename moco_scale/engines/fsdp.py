@@ -57,15 +57,18 @@ class FSDPEngine(dcp.DCPCheckpoints, Engine):
         if self.precision != "fp32":
             policy = MixedPrecisionPolicy(param_dtype=_DTYPES[self.precision],
                                           reduce_dtype=_DTYPES[config["reduce_dtype"]])
-        shard = dict(mesh=mesh, mp_policy=policy, reshard_after_forward=config["reshard_after_forward"])
+        shard = dict(mesh=mesh, mp_policy=policy)
+        #: per unit, whether it reshards after forward (the chunked step changes and restores it)
+        self._reshard: dict[torch.nn.Module, bool] = {}
         for encoder in (model.base_encoder, model.momentum_encoder):  # the same plan for both
-            for block in backbone_blocks(encoder):
-                fully_shard(block, **shard)
-            fully_shard(projector(encoder), **shard)
-        fully_shard(model.predictor, **shard)
-        fully_shard(model, **shard)
+            for unit in (*backbone_blocks(encoder), projector(encoder)):
+                self._reshard[unit] = config["reshard_after_forward"]
+        self._reshard[model.predictor] = self._reshard[model] = config["reshard_after_forward"]
+        for unit, reshard in self._reshard.items():
+            fully_shard(unit, **shard, reshard_after_forward=reshard)
+        if not config["backbone_chunk"]:  # a chunked step runs in phases, and keeps its blocks gathered across them
+            self._prefetch(model)
         self._pairs = [(m, b) for _, m, b in model.momentum_pairs()]
-        self._reshard_after_forward = config["reshard_after_forward"]
         self._chunks = None
         if config["backbone_chunk"]:
             for method in PHASES:  # the root's hooks (gather, reshard) run around each phase, as around forward
@@ -81,6 +84,25 @@ class FSDPEngine(dcp.DCPCheckpoints, Engine):
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
             self.scaler = ShardedGradScaler(init_scale=2.0**16, growth_interval=2000)
+
+    @staticmethod
+    def _prefetch(model: MoCo) -> None:
+        """Explicit prefetch, as torchtitan and DINOv3: each block's forward issues the next unit's all-gather
+        (the momentum encoder's no-grad forward too), each block's backward the previous block's. A ViT runs in
+        one order, blocks -> head -> predictor -> momentum blocks -> momentum head; a ResNet runs each view
+        through its blocks, so there only block to block."""
+        order: list[torch.nn.Module] = []
+        for encoder in (model.base_encoder, model.momentum_encoder):
+            blocks = backbone_blocks(encoder)
+            for block, previous in zip(blocks[1:], blocks, strict=False):
+                block.set_modules_to_backward_prefetch([previous])
+            order += [*blocks, projector(encoder), *([model.predictor] if encoder is model.base_encoder else [])]
+            if not model.batch_views:
+                for block, nxt in zip(blocks, blocks[1:], strict=False):
+                    block.set_modules_to_forward_prefetch([nxt])
+        if model.batch_views:
+            for unit, nxt in zip(order, order[1:], strict=False):
+                unit.set_modules_to_forward_prefetch([nxt])
 
     @torch.no_grad()
     def update_momentum(self, m: float) -> None:
@@ -99,7 +121,7 @@ class FSDPEngine(dcp.DCPCheckpoints, Engine):
         loss = self._chunks.forward(x1, x2)
         for unit in self._momentum_units:
             unit.reshard()
-            unit.set_reshard_after_forward(self._reshard_after_forward, recurse=False)
+            unit.set_reshard_after_forward(self._reshard[unit], recurse=False)
         return loss
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -111,7 +133,7 @@ class FSDPEngine(dcp.DCPCheckpoints, Engine):
         # chunks and reduce-scattered once, in the last chunk's backward, which also reshards the blocks
         self._chunks.backward(scaled, torch.Tensor.backward, lambda i, n: self._accumulate(i < n - 1))
         for unit in self._base_units:
-            unit.set_reshard_after_forward(self._reshard_after_forward, recurse=False)
+            unit.set_reshard_after_forward(self._reshard[unit], recurse=False)
 
     def _accumulate(self, on: bool) -> None:
         """Keep the backbone's gradients unreduced and its parameters gathered across backward passes (on)."""

@@ -11,7 +11,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (what the optimizer updates); any other tensor as it is."""
     return t.to_local() if isinstance(t, DTensor) else t
 
 
@@ -54,10 +55,10 @@ class LARS(torch.optim.Optimizer):
                     self.state[p]["mu"] = torch.zeros_like(p)
             wide = [p for p in params if p.ndim > 1]
             flat = [p for p in params if p.ndim <= 1]
-            updates = [_local(p.grad) for p in flat]
+            updates = [local_shard(p.grad) for p in flat]
             if wide:
-                w = [_local(p) for p in wide]
-                d = torch._foreach_add([_local(p.grad) for p in wide], w, alpha=group["weight_decay"])
+                w = [local_shard(p) for p in wide]
+                d = torch._foreach_add([local_shard(p.grad) for p in wide], w, alpha=group["weight_decay"])
                 squares = torch.stack(torch._foreach_norm([*w, *d])).square()
                 p_norm, d_norm = _sum_over_shards(squares, wide).sqrt().chunk(2)
                 ratio = torch.where((p_norm > 0) & (d_norm > 0), group["trust_coefficient"] * p_norm / d_norm,
@@ -65,10 +66,10 @@ class LARS(torch.optim.Optimizer):
                 torch._foreach_mul_(d, list(ratio.unbind()))
                 updates = [*d, *updates]
             ordered = [*wide, *flat]
-            mus = [_local(self.state[p]["mu"]) for p in ordered]
+            mus = [local_shard(self.state[p]["mu"]) for p in ordered]
             torch._foreach_mul_(mus, group["momentum"])
             torch._foreach_add_(mus, updates)
-            torch._foreach_add_([_local(p) for p in ordered], mus, alpha=-group["lr"])
+            torch._foreach_add_([local_shard(p) for p in ordered], mus, alpha=-group["lr"])
         return loss
 
 

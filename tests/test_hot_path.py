@@ -49,9 +49,9 @@ def record(ctx: DistContext, out: str) -> None:
 
     engine = build(ctx, "fsdp")  # the prefetch plan
     names = {m: n or "root" for n, m in engine.model.named_modules()}
-    rec["fsdp"] = {"forward_prefetch": {
-        names[m]: [names[s._modules[0]] for s in m._get_fsdp_state()._states_to_forward_prefetch]
-        for m in names if hasattr(m, "_get_fsdp_state")}}
+    rec["fsdp"] = {f"{way}_prefetch": {
+        names[m]: [names[s._modules[0]] for s in getattr(m._get_fsdp_state(), f"_states_to_{way}_prefetch")]
+        for m in names if hasattr(m, "_get_fsdp_state")} for way in ("forward", "backward")}
     engine.close()
 
     rec["lars"] = {}
@@ -111,6 +111,11 @@ def test_fsdp_prefetches_the_next_unit_in_forward_order(seen):
                    "base_encoder.head": ["predictor"], "predictor": ["momentum_encoder.blocks.0"],
                    "momentum_encoder.blocks.0": ["momentum_encoder.blocks.1"],
                    "momentum_encoder.blocks.1": ["momentum_encoder.head"]}
+
+
+def test_fsdp_prefetches_the_previous_block_in_backward_of_the_base_encoder_only(seen):
+    got = {k: v for k, v in seen["fsdp"]["backward_prefetch"].items() if v}
+    assert got == {"base_encoder.blocks.1": ["base_encoder.blocks.0"]}  # the momentum encoder has no backward
 
 
 @pytest.mark.parametrize("config", ["zero1", "zero2"])

@@ -23,13 +23,9 @@ from moco_scale.engines.base import PRECISIONS, Engine, resolve_precision
 from moco_scale.models import MoCo, backbone_blocks, projector
 from moco_scale.models.chunking import PhasedChunks
 from moco_scale.models.moco import PHASES
-from moco_scale.optim import build_optimizer
+from moco_scale.optim import build_optimizer, local_shard
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -58,14 +54,12 @@ class FSDPEngine(dcp.DCPCheckpoints, Engine):
             policy = MixedPrecisionPolicy(param_dtype=_DTYPES[self.precision],
                                           reduce_dtype=_DTYPES[config["reduce_dtype"]])
         shard = dict(mesh=mesh, mp_policy=policy)
-        #: per unit, whether it reshards after forward (the chunked step changes and restores it)
-        self._reshard: dict[torch.nn.Module, bool] = {}
+        self._reshard_after_forward = config["reshard_after_forward"]  # the chunked step changes and restores it
         for encoder in (model.base_encoder, model.momentum_encoder):  # the same plan for both
             for unit in (*backbone_blocks(encoder), projector(encoder)):
-                self._reshard[unit] = config["reshard_after_forward"]
-        self._reshard[model.predictor] = self._reshard[model] = config["reshard_after_forward"]
-        for unit, reshard in self._reshard.items():
-            fully_shard(unit, **shard, reshard_after_forward=reshard)
+                fully_shard(unit, **shard, reshard_after_forward=self._reshard_after_forward)
+        fully_shard(model.predictor, **shard, reshard_after_forward=self._reshard_after_forward)
+        fully_shard(model, **shard, reshard_after_forward=self._reshard_after_forward)
         if not config["backbone_chunk"]:  # a chunked step runs in phases, and keeps its blocks gathered across them
             self._prefetch(model)
         self._pairs = [(m, b) for _, m, b in model.momentum_pairs()]
@@ -88,14 +82,15 @@ class FSDPEngine(dcp.DCPCheckpoints, Engine):
     @staticmethod
     def _prefetch(model: MoCo) -> None:
         """Explicit prefetch, as torchtitan and DINOv3: each block's forward issues the next unit's all-gather
-        (the momentum encoder's no-grad forward too), each block's backward the previous block's. A ViT runs in
-        one order, blocks -> head -> predictor -> momentum blocks -> momentum head; a ResNet runs each view
-        through its blocks, so there only block to block."""
+        (the momentum encoder's no-grad forward too), each base block's backward the previous block's. A ViT
+        runs in one order, blocks -> head -> predictor -> momentum blocks -> momentum head; a ResNet runs each
+        view through its blocks, so there only block to block."""
+        base = backbone_blocks(model.base_encoder)
+        for block, previous in zip(base[1:], base, strict=False):  # the momentum encoder has no backward
+            block.set_modules_to_backward_prefetch([previous])
         order: list[torch.nn.Module] = []
         for encoder in (model.base_encoder, model.momentum_encoder):
             blocks = backbone_blocks(encoder)
-            for block, previous in zip(blocks[1:], blocks, strict=False):
-                block.set_modules_to_backward_prefetch([previous])
             order += [*blocks, projector(encoder), *([model.predictor] if encoder is model.base_encoder else [])]
             if not model.batch_views:
                 for block, nxt in zip(blocks, blocks[1:], strict=False):
@@ -107,7 +102,8 @@ class FSDPEngine(dcp.DCPCheckpoints, Engine):
     @torch.no_grad()
     def update_momentum(self, m: float) -> None:
         # frozen base parameters (fixed position embedding, stop-grad conv1) never change, nor do their twins
-        torch._foreach_lerp_([_local(p) for p, _ in self._pairs], [_local(p) for _, p in self._pairs], 1.0 - m)
+        momentum, base = [local_shard(p) for p, _ in self._pairs], [local_shard(p) for _, p in self._pairs]
+        torch._foreach_lerp_(momentum, base, 1.0 - m)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         x1, x2 = x1.to(self.ctx.device, non_blocking=True), x2.to(self.ctx.device, non_blocking=True)
@@ -121,7 +117,7 @@ class FSDPEngine(dcp.DCPCheckpoints, Engine):
         loss = self._chunks.forward(x1, x2)
         for unit in self._momentum_units:
             unit.reshard()
-            unit.set_reshard_after_forward(self._reshard[unit], recurse=False)
+            unit.set_reshard_after_forward(self._reshard_after_forward, recurse=False)
         return loss
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -133,7 +129,7 @@ class FSDPEngine(dcp.DCPCheckpoints, Engine):
         # chunks and reduce-scattered once, in the last chunk's backward, which also reshards the blocks
         self._chunks.backward(scaled, torch.Tensor.backward, lambda i, n: self._accumulate(i < n - 1))
         for unit in self._base_units:
-            unit.set_reshard_after_forward(self._reshard[unit], recurse=False)
+            unit.set_reshard_after_forward(self._reshard_after_forward, recurse=False)
 
     def _accumulate(self, on: bool) -> None:
         """Keep the backbone's gradients unreduced and its parameters gathered across backward passes (on)."""

@@ -8,6 +8,7 @@ reference crashes there).
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import math
 import os
@@ -103,6 +104,25 @@ def _choose_device(device: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Stop glibc from handing big freed blocks back to the OS at every step (CPU training).
+
+    A step's activations and gradients are tens of MB each: above glibc's mmap threshold, or freed at the top
+    of the heap beyond its trim threshold, so by default each step unmaps them and page-faults them in again.
+    Measured on a ViT-S/16 step at batch 8 on 2 cores: gelu 268 -> 74 ms, copies 192 -> 47 ms, the head's
+    4096x4096 gradient sum 131 -> 20 ms. The heap then stays at the step's peak, which it reaches every step
+    anyway. Returns False (nothing changed) off glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    # 32 MiB is the largest mmap threshold glibc accepts; the trim threshold is an int
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def init_distributed(device: str = "auto", timeout_s: float = 1800.0, require_group: bool = False) -> DistContext:
     """Join the launcher's process group (NCCL on GPU, gloo on CPU), or run alone: without a
     group, or (`require_group`, for the sharding engines) in a group of one."""
@@ -111,6 +131,8 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0, require_gr
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     dev = _choose_device(device, local_rank)
+    if dev.type == "cpu":
+        keep_freed_memory()
     if dev.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # The DeepSpeed launcher does not set it; share the cores between local ranks.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))

@@ -16,6 +16,7 @@ from moco_scale import build_moco
 from moco_scale.cli import main
 
 JUNK, JSON, CKPT, DATA, FAIRSCALE, TYPO = "@junk", "@json", "@ckpt", "@data", "@fairscale", "@typo"  # see `files`
+COMPILE, DS_COMPILE = "@compile", "@ds_compile"
 
 CASES: list[tuple[list[str], str]] = [
     # numeric flags: the range each takes, checked by argparse (moco_scale/flags.py)
@@ -52,6 +53,9 @@ CASES: list[tuple[list[str], str]] = [
     (["pretrain", "--engine-config", TYPO, "-b", "16"], "unknown top-level key(s) 'zero_optimizaton' (did you mean "
      "'zero_optimization'?)"),
     (["plan", "--engine-config", TYPO], "unknown top-level key(s) 'zero_optimizaton'"),
+    (["pretrain", "--engine-config", DS_COMPILE, "-b", "16"], "compile is not offered under DeepSpeed"),
+    (["pretrain", "--engine-config", COMPILE, "-a", "resnet_tiny", "-b", "16", "-j", "0", "--device", "cpu",
+      "--max-steps", "1"], "key 'compile' is for ViT backbones"),
     # data of the wrong shape
     (["probe", DATA, "--pretrained", CKPT], "/val does not exist"),
     # convert never overwrites its input, nor a folder
@@ -70,6 +74,9 @@ def files(tmp_path: Path) -> dict[str, str]:
     (tmp_path / "fairscale.json").write_text(json.dumps({"engine": "fairscale"}))
     (tmp_path / "typo.json").write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {"stage": 1},
                                                     "zero_optimizaton": {"stage": 2}}))
+    (tmp_path / "compile.json").write_text(json.dumps({"engine": "ddp", "compile": True}))
+    (tmp_path / "ds_compile.json").write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {"stage": 1},
+                                                          "moco_scale": {"compile": True}}))
     torch.manual_seed(0)
     model = build_moco(**TINY_VIT)
     kwargs = dict(TINY_VIT)
@@ -79,7 +86,8 @@ def files(tmp_path: Path) -> dict[str, str]:
     Image.new("RGB", (36, 36), (30, 20, 90)).save(tmp_path / "data" / "train" / "a" / "0.png")
     return {JUNK: str(tmp_path / "junk.bin"), JSON: str(tmp_path / "engine.json"), CKPT: str(tmp_path / "ckpt.pth.tar"),
             DATA: str(tmp_path / "data"), FAIRSCALE: str(tmp_path / "fairscale.json"),
-            TYPO: str(tmp_path / "typo.json")}
+            TYPO: str(tmp_path / "typo.json"), COMPILE: str(tmp_path / "compile.json"),
+            DS_COMPILE: str(tmp_path / "ds_compile.json")}
 
 
 def test_the_table_covers_every_command():

@@ -11,6 +11,7 @@ from moco_scale.dist import DistContext
 from moco_scale.engines import dcp
 from moco_scale.engines.activation_checkpointing import apply_activation_checkpointing
 from moco_scale.engines.base import PRECISIONS, Engine, resolve_precision
+from moco_scale.engines.compile import compile_blocks
 from moco_scale.models import MoCo
 from moco_scale.optim import build_optimizer
 
@@ -26,7 +27,7 @@ class DDPEngine(dcp.DCPCheckpoints, Engine):
 
     name = "ddp"
     DEFAULTS = {"engine": "ddp", "precision": "auto", "bucket_cap_mb": 25.0, "find_unused_parameters": False,
-                "activation_checkpointing": 0, "backbone_chunk": 0}
+                "activation_checkpointing": 0, "backbone_chunk": 0, "compile": False}
     CHOICES = {"engine": ("ddp",), "precision": PRECISIONS}
 
     def __init__(self, model: MoCo, optimizer: str, weight_decay: float, config: dict[str, Any],
@@ -35,6 +36,7 @@ class DDPEngine(dcp.DCPCheckpoints, Engine):
         self.model = model.to(ctx.device)
         self.precision = resolve_precision(config["precision"], ctx.device)
         apply_activation_checkpointing(model, config["activation_checkpointing"])
+        compile_blocks(model, config["compile"])
         model.set_backbone_chunk(config["backbone_chunk"])
         self.module: torch.nn.Module = model
         if ctx.is_distributed and ctx.world_size > 1:

@@ -44,7 +44,7 @@ from moco_scale.models.chunking import PhasedChunks
 from moco_scale.optim import build_optimizer
 
 #: moco-scale's own keys, in a "moco_scale" section that is removed before DeepSpeed reads the file
-MOCO_SCALE_DEFAULTS: dict[str, Any] = {"activation_checkpointing": 0, "backbone_chunk": 0}
+MOCO_SCALE_DEFAULTS: dict[str, Any] = {"activation_checkpointing": 0, "backbone_chunk": 0, "compile": False}
 _DS_TAG = "deepspeed"  # the subfolder DeepSpeed writes its checkpoint into
 UNIVERSAL_TAG = "universal"  # where `moco-scale convert --to universal` puts ds_to_universal's output
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -56,6 +56,12 @@ def resolve_deepspeed_config(raw: dict[str, Any], source: str, global_batch: int
     size (numbers must agree with them), clipping off unless asked for, moco-scale's section split off."""
     cfg = copy.deepcopy(raw)
     ours = validate(cfg.pop("moco_scale", {}), MOCO_SCALE_DEFAULTS, {}, f"engine config {source}: section 'moco_scale'")
+    if ours["compile"] or "compile" in cfg:
+        raise ConfigError(f"engine config {source}: compile is not offered under DeepSpeed: its compile path "
+                          "(engine.compile()) compiles the whole engine-wrapped module, where ZeRO's parameter "
+                          "hooks and moco-scale's momentum update in the partitions would run inside graphs that "
+                          "have not been checked against the reference; compile per block with "
+                          "ds_configs/ddp.json or ds_configs/fsdp.json and \"compile\": true, or remove the key")
     for key in ("optimizer", "scheduler"):
         if key in cfg:
             raise ConfigError(f"engine config {source}: remove the '{key}' section: the optimizer and its schedule "

@@ -20,6 +20,7 @@ from moco_scale.dist import DistContext
 from moco_scale.engines import dcp
 from moco_scale.engines.activation_checkpointing import apply_activation_checkpointing
 from moco_scale.engines.base import PRECISIONS, Engine, resolve_precision
+from moco_scale.engines.compile import compile_blocks
 from moco_scale.models import MoCo, backbone_blocks, projector
 from moco_scale.models.chunking import PhasedChunks
 from moco_scale.models.moco import PHASES
@@ -37,7 +38,7 @@ class FSDPEngine(dcp.DCPCheckpoints, Engine):
 
     name = "fsdp"
     DEFAULTS = {"engine": "fsdp", "precision": "auto", "reshard_after_forward": True, "reduce_dtype": "fp32",
-                "activation_checkpointing": 0, "backbone_chunk": 0}
+                "activation_checkpointing": 0, "backbone_chunk": 0, "compile": False}
     CHOICES = {"engine": ("fsdp",), "precision": PRECISIONS, "reduce_dtype": ("fp32", "bf16", "fp16")}
     needs_process_group = True
 
@@ -46,6 +47,7 @@ class FSDPEngine(dcp.DCPCheckpoints, Engine):
         self.ctx = ctx
         self.precision = resolve_precision(config["precision"], ctx.device)
         apply_activation_checkpointing(model, config["activation_checkpointing"])
+        compile_blocks(model, config["compile"])  # after checkpointing, before sharding, as torchtitan
         model.check_backbone_chunk(config["backbone_chunk"])
         self.model = model.to(ctx.device)
         mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))

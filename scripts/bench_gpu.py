@@ -4,6 +4,8 @@ estimate of the same setting.
 
     python scripts/bench_gpu.py --engines ddp_bf16 fsdp zero2 zero3 --archs vit_base vit_small --batches 256 128
     python scripts/bench_gpu.py --archs resnet50 --engines ddp_bf16 --optimizer lars --channels-last 0 1
+    python scripts/bench_gpu.py --archs vit_base --engines ddp_bf16 fsdp --batches 256 --ac 0 \
+        --variants shipped unfused no_prefetch compiled    # the hot path's parts, one off at a time
     python scripts/bench_gpu.py --tiny --device cpu          # the dry run: tiny shapes, to check the script
 
 MFU = model FLOPs of one step (moco_scale.flops: counted by torch.utils.flop_counter from the model's
@@ -11,6 +13,11 @@ shapes: base encoder forward and backward on both views, heads, momentum encoder
 not counted) / step time / peak, against two peaks: this GPU's measured dense bf16 matmul (8192^3, timed
 here) and its datasheet figure (known for A100, H100, H200, V100). Every row is its own try; rows past
 --budget-s are written as skipped.
+
+Variants (`--variants`), each against the shipped engine: `unfused` (AdamW's foreach implementation instead of
+the fused one), `no_prefetch` (FSDP: FSDP2's implicit prefetch instead of the explicit plan), `compiled`
+(`"compile": true`: per-block torch.compile; DDP/FSDP only). A variant that does not apply to an engine is
+not run.
 """
 
 from __future__ import annotations
@@ -49,11 +56,34 @@ def planned_gib(kwargs: dict, model, cfg_path: str, batch: int, ac: int, optimiz
     return e["total"] / 2**30
 
 
+VARIANTS = ("shipped", "unfused", "no_prefetch", "compiled")
+
+
+def applies(variant: str, engine_name: str, optimizer: str) -> bool:
+    cfg = load_engine_config(str(REPO / "ds_configs" / f"{engine_name}.json"), 8, 1)
+    return {"shipped": True, "unfused": optimizer == "adamw", "no_prefetch": cfg["engine"] == "fsdp",
+            "compiled": cfg["engine"] in ("ddp", "fsdp")}[variant]
+
+
+def apply_variant(engine, variant: str) -> None:
+    """The variants that change a built engine (compile is its config key)."""
+    if variant == "unfused":  # read by AdamW at each step; its state starts at the first one
+        for group in engine.optimizer.param_groups:
+            group.update(fused=False, foreach=True)
+    elif variant == "no_prefetch":
+        for module in engine.model.modules():
+            if hasattr(module, "set_modules_to_forward_prefetch"):
+                module.set_modules_to_forward_prefetch([])
+                module.set_modules_to_backward_prefetch([])
+
+
 def measure(engine_name: str, kwargs: dict, batch: int, ac: int, channels_last: bool, optimizer: str, ctx,
-            steps: int) -> dict:
+            steps: int, variant: str = "shipped") -> dict:
     cfg_path = str(REPO / "ds_configs" / f"{engine_name}.json")
     cfg = load_engine_config(cfg_path, batch, 1)
     cfg["activation_checkpointing"] = ac
+    if variant == "compiled":
+        cfg["compile"] = True
     cfg = with_precision(cfg, "bf16")
     torch.manual_seed(0)
     model = build_moco(**kwargs)
@@ -64,6 +94,7 @@ def measure(engine_name: str, kwargs: dict, batch: int, ac: int, channels_last: 
     x1 = torch.randn(batch, 3, size, size, device=ctx.device).contiguous(memory_format=fmt)
     x2 = torch.randn(batch, 3, size, size, device=ctx.device).contiguous(memory_format=fmt)
     engine = build_engine(model, optimizer, 0.1 if optimizer == "adamw" else 1e-6, cfg, ctx)
+    apply_variant(engine, variant)
     times = []
     try:
         for i in range(2 + steps):
@@ -86,6 +117,8 @@ def main() -> int:
     p.add_argument("--ac", nargs="+", type=int, default=[0, 1], help="activation checkpointing: 0 off, 1 every block")
     p.add_argument("--channels-last", nargs="+", type=int, default=[0], help="0/1: the memory format (ResNet)")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "lars"))
+    p.add_argument("--variants", nargs="+", default=["shipped"], choices=VARIANTS,
+                   help="the shipped engine, or it with one part of the hot path off/on (see above)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -101,23 +134,25 @@ def main() -> int:
     table = Table(f"bench_gpu: {name}, bf16, {shapes}, median of {args.steps} steps; "
                   f"peak bf16: measured matmul {matmul:.3g} TFLOP/s, datasheet "
                   f"{'n/a' if sheet is None else f'{sheet:.0f}'} TFLOP/s",
-                  ["arch", "engine", "batch/GPU", "act. ckpt", "channels_last", "step s", "img/s", "TFLOP/s",
+                  ["arch", "engine", "variant", "batch/GPU", "act. ckpt", "channels_last", "step s", "img/s", "TFLOP/s",
                    "MFU (measured peak)", "MFU (datasheet)", "peak GiB", "planned GiB"], args.budget_s)
     rows: list[dict] = []
 
-    def run(arch: str, batch: int, engine_name: str, ac: int, cl: int) -> list[str]:
+    def run(arch: str, batch: int, engine_name: str, ac: int, cl: int, variant: str) -> list[str]:
         kwargs = model_kwargs(arch, args.image_size, args.tiny)
-        r = measure(engine_name, kwargs, batch, ac, bool(cl), args.optimizer, ctx, args.steps)
+        r = measure(engine_name, kwargs, batch, ac, bool(cl), args.optimizer, ctx, args.steps, variant)
         tflops = batch * step_flops_per_image(kwargs)["train"] / r["step_s"] / 1e12
-        rows.append({"arch": arch, "engine": engine_name, "batch": batch, "ac": ac, "channels_last": cl, **r,
+        rows.append({"arch": arch, "engine": engine_name, "variant": variant, "batch": batch, "ac": ac, "channels_last": cl, **r,
                      "img_per_s": batch / r["step_s"]})
         return [f"{r['step_s']:.3f}", f"{batch / r['step_s']:.0f}", f"{tflops:.3g}", f"{tflops / matmul:.1%}",
                 "n/a" if sheet is None else f"{tflops / sheet:.1%}", r["peak_gib"], f"{r['planned_gib']:.1f}"]
 
     # the most important rows first: the larger model, the larger batch, every engine before checkpointing
-    for arch, batch, ac, engine_name, cl in itertools.product(args.archs, args.batches, args.ac, args.engines,
-                                                              args.channels_last):
-        table.row([arch, engine_name, batch, ac, cl], functools.partial(run, arch, batch, engine_name, ac, cl))
+    for arch, batch, ac, engine_name, cl, variant in itertools.product(args.archs, args.batches, args.ac, args.engines,
+                                                                       args.channels_last, args.variants):
+        if applies(variant, engine_name, args.optimizer):
+            table.row([arch, engine_name, variant, batch, ac, cl],
+                      functools.partial(run, arch, batch, engine_name, ac, cl, variant))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: every open GPU question in one call of at most 6 minutes on one H100/H200 node, the most
+# The GPU check: every open GPU question in one call of at most 7.5 minutes on one H100/H200 node, the most
 # important first. Each stage has its own time limit and each row its own try (an error is written in its
 # row); tables go to $OUT/*.md, everything printed to $OUT/log.txt.
 #   1. equivalence.md  engine equivalence on CUDA at world 1: every shipped config, fp32, TF32 off, vs the oracle
@@ -7,8 +7,10 @@
 #                      activation checkpointing off/on: step time, img/s, MFU (measured matmul peak and
 #                      datasheet), peak memory, the planner's estimate
 #   3. bench_resnet.md ResNet-50, LARS, synced BN, DDP bf16, batch 128, channels_last off/on
-#   4. chunking.md     ViT-B/16 per-GPU batch 4096 with backbone chunking K = 128 against unchunked 256
-#   5. data.md         the data loader alone (reference pipeline, generated ImageNet-sized JPEGs, up to 14
+#   4. hot_path.md     ViT-B/16 batch 256, DDP and FSDP bf16: shipped, and with one part of the hot path changed
+#                      (unfused AdamW, FSDP's implicit prefetch, per-block torch.compile)
+#   5. chunking.md     ViT-B/16 per-GPU batch 4096 with backbone chunking K = 128 against unchunked 256
+#   6. data.md         the data loader alone (reference pipeline, generated ImageNet-sized JPEGs, up to 14
 #                      workers) against the images/s the ViT-B step consumes
 #
 #   bash scripts/gpu_check.sh             # on the GPU node (python3 there; .whl/ from scripts/gpu_wheels.sh)
@@ -68,17 +70,21 @@ if [ $DRY = 1 ]; then
     --budget-s 50 --json "$OUT/bench_gpu.json"
   stage bench_resnet 40 scripts/bench_gpu.py --device cpu --tiny --archs resnet50 --engines ddp_bf16 \
     --optimizer lars --batches 8 --ac 0 --channels-last 0 1 --steps 1
+  stage hot_path 100 scripts/bench_gpu.py --device cpu --tiny --archs vit_base --engines ddp_bf16 fsdp --batches 8 \
+    --ac 0 --steps 1 --variants shipped unfused no_prefetch compiled --budget-s 90
   stage chunking 60 scripts/bench_chunking.py --device cpu --precision bf16 -a vit_tiny --image-size 32 \
     --batches 8 --chunks 0 8 --steps 1
   stage data 60 scripts/bench_data.py --workers 0 2 --count 64 --batch 16 --batches 2 \
     --step-json "$OUT/bench_gpu.json"
 else
   stage equivalence 50 scripts/gpu_equivalence.py --device cuda
-  stage bench_vit 150 scripts/bench_gpu.py --archs vit_base vit_small --engines ddp_bf16 fsdp zero2 zero3 \
-    --batches 256 128 --ac 0 1 --steps 4 --budget-s 130 --json "$OUT/bench_gpu.json"
+  stage bench_vit 130 scripts/bench_gpu.py --archs vit_base vit_small --engines ddp_bf16 fsdp zero2 zero3 \
+    --batches 256 128 --ac 0 1 --steps 4 --budget-s 115 --json "$OUT/bench_gpu.json"
   stage bench_resnet 40 scripts/bench_gpu.py --archs resnet50 --engines ddp_bf16 --optimizer lars \
     --batches 128 --ac 0 --channels-last 0 1 --steps 4 --budget-s 30
-  stage chunking 70 scripts/bench_chunking.py --device cuda --precision bf16 --image-size 224 -a vit_base \
+  stage hot_path 100 scripts/bench_gpu.py --archs vit_base --engines ddp_bf16 fsdp --batches 256 --ac 0 --steps 4 \
+    --variants shipped unfused no_prefetch compiled --budget-s 90
+  stage chunking 60 scripts/bench_chunking.py --device cuda --precision bf16 --image-size 224 -a vit_base \
     --batches 256 4096 --chunks 0 128 --steps 2
   stage data 45 scripts/bench_data.py --device cuda --workers 4 8 14 --count 1024 --batch 256 --batches 3 \
     --budget-s 35 --step-json "$OUT/bench_gpu.json"

@@ -27,6 +27,31 @@ def build(ctx: DistContext, config: str, optimizer: str = "adamw", precision: st
     return build_engine(build_moco(**{**TINY_VIT, **vit}), optimizer, 0.1, cfg, ctx)
 
 
+def fsdp_gathers(engine, x1: torch.Tensor, x2: torch.Tensor) -> tuple[dict[str, int], list[str]]:
+    """All-gathers per FSDP unit in one step (after a warm-up step), counted where FSDP2 issues them (its
+    param group's unshard: a private API, read by this test only); and the units still gathered after it."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    counts: dict[str, int] = {}
+    real = FSDPParamGroup.unshard
+
+    def unshard(group, *args, **kwargs):
+        if group._all_gather_result is None and not group.is_unsharded:
+            counts[group._module_fqn or "root"] = counts.get(group._module_fqn or "root", 0) + 1
+        return real(group, *args, **kwargs)
+
+    engine.train_step(x1, x2, 1e-3, 0.99)
+    FSDPParamGroup.unshard = unshard
+    try:
+        engine.train_step(x1, x2, 1e-3, 0.99)
+    finally:
+        FSDPParamGroup.unshard = real
+    gathered = [n or "root" for n, m in engine.model.named_modules()
+                if isinstance(m, FSDPModule) and m._get_fsdp_state()._fsdp_param_group.is_unsharded]
+    return counts, gathered
+
+
 def record(ctx: DistContext, out: str) -> None:
     g = torch.Generator().manual_seed(ctx.rank)
     x1, x2 = torch.randn(B // 2, 3, 32, 32, generator=g), torch.randn(B // 2, 3, 32, 32, generator=g)
@@ -52,6 +77,7 @@ def record(ctx: DistContext, out: str) -> None:
     rec["fsdp"] = {f"{way}_prefetch": {
         names[m]: [names[s._modules[0]] for s in getattr(m._get_fsdp_state(), f"_states_to_{way}_prefetch")]
         for m in names if hasattr(m, "_get_fsdp_state")} for way in ("forward", "backward")}
+    rec["fsdp"]["gathers"], rec["fsdp"]["left_gathered"] = fsdp_gathers(engine, x1, x2)
     engine.close()
 
     rec["lars"] = {}
@@ -111,6 +137,18 @@ def test_fsdp_prefetches_the_next_unit_in_forward_order(seen):
                    "base_encoder.head": ["predictor"], "predictor": ["momentum_encoder.blocks.0"],
                    "momentum_encoder.blocks.0": ["momentum_encoder.blocks.1"],
                    "momentum_encoder.blocks.1": ["momentum_encoder.head"]}
+
+
+def test_fsdp_gathers_what_runs_again_soon_once(seen):
+    """The base encoder's last block (its backward follows its forward closely), the heads and the predictor
+    (run once per view: twice in forward, twice in backward) are gathered once per step; the other base blocks
+    and the root once in forward and once in backward; each momentum block once; nothing stays gathered."""
+    got = seen["fsdp"]["gathers"]
+    assert got["base_encoder.blocks.1"] == got["base_encoder.head"] == got["predictor"] == 1, got
+    assert got["base_encoder.blocks.0"] == got["root"] == 2, got
+    assert got["momentum_encoder.blocks.0"] == got["momentum_encoder.blocks.1"] == 1, got
+    assert got["momentum_encoder.head"] <= 2, got  # 3 when resharded after each of its two no-grad calls
+    assert seen["fsdp"]["left_gathered"] == []
 
 
 def test_fsdp_prefetches_the_previous_block_in_backward_of_the_base_encoder_only(seen):

@@ -142,8 +142,8 @@ def main() -> int:
         kwargs = model_kwargs(arch, args.image_size, args.tiny)
         r = measure(engine_name, kwargs, batch, ac, bool(cl), args.optimizer, ctx, args.steps, variant)
         tflops = batch * step_flops_per_image(kwargs)["train"] / r["step_s"] / 1e12
-        rows.append({"arch": arch, "engine": engine_name, "variant": variant, "batch": batch, "ac": ac, "channels_last": cl, **r,
-                     "img_per_s": batch / r["step_s"]})
+        rows.append({"arch": arch, "engine": engine_name, "variant": variant, "batch": batch, "ac": ac,
+                     "channels_last": cl, **r, "img_per_s": batch / r["step_s"]})
         return [f"{r['step_s']:.3f}", f"{batch / r['step_s']:.0f}", f"{tflops:.3g}", f"{tflops / matmul:.1%}",
                 "n/a" if sheet is None else f"{tflops / sheet:.1%}", r["peak_gib"], f"{r['planned_gib']:.1f}"]
 

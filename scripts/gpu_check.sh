@@ -14,7 +14,7 @@
 #                      workers) against the images/s the ViT-B step consumes
 #
 #   bash scripts/gpu_check.sh             # on the GPU node (python3 there; .whl/ from scripts/gpu_wheels.sh)
-#   bash scripts/gpu_check.sh --dry-run   # here, on the CPU: tiny shapes, every stage, about 3 minutes
+#   bash scripts/gpu_check.sh --dry-run   # here, on the CPU: tiny shapes, every stage, 2-3 minutes
 # OUT picks the folder (default runs/gpu_check); PYTHON the interpreter.
 set -uo pipefail
 cd "$(dirname "$0")/.."

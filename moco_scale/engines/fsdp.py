@@ -63,11 +63,13 @@ class FSDPEngine(dcp.DCPCheckpoints, Engine):
         fully_shard(model.predictor, **shard, reshard_after_forward=self._reshard_after_forward)
         fully_shard(model, **shard, reshard_after_forward=self._reshard_after_forward)
         #: units the engine reshards itself, after forward and after backward (see _keep_gathered)
-        self._kept: tuple[list[torch.nn.Module], list[torch.nn.Module]] = ([], [])
+        self._reshard_after_forward_units: list[torch.nn.Module] = []
+        self._reshard_after_backward_units: list[torch.nn.Module] = []
         if not config["backbone_chunk"]:  # a chunked step runs in phases, and keeps its blocks gathered across them
             self._prefetch(model)
         if self._reshard_after_forward:
-            self._kept = self._keep_gathered(model, last_block=not config["backbone_chunk"])
+            self._reshard_after_forward_units, self._reshard_after_backward_units = self._keep_gathered(
+                model, last_block=not config["backbone_chunk"])
         self._pairs = [(m, b) for _, m, b in model.momentum_pairs()]
         self._chunks = None
         if config["backbone_chunk"]:
@@ -131,7 +133,7 @@ class FSDPEngine(dcp.DCPCheckpoints, Engine):
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         x1, x2 = x1.to(self.ctx.device, non_blocking=True), x2.to(self.ctx.device, non_blocking=True)
         loss = self.model(x1, x2) if self._chunks is None else self._chunked_forward(x1, x2)
-        for unit in self._kept[0]:
+        for unit in self._reshard_after_forward_units:
             unit.reshard()
         return loss
 
@@ -157,7 +159,7 @@ class FSDPEngine(dcp.DCPCheckpoints, Engine):
             self._chunks.backward(scaled, torch.Tensor.backward, lambda i, n: self._accumulate(i < n - 1))
             for unit in self._base_units:
                 unit.set_reshard_after_forward(self._reshard_after_forward, recurse=False)
-        for unit in self._kept[1]:
+        for unit in self._reshard_after_backward_units:
             unit.reshard()
 
     def _accumulate(self, on: bool) -> None:

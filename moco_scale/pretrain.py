@@ -23,7 +23,7 @@ import torch
 from moco_scale import schedules
 from moco_scale.checkpoint import CheckpointManager, find_latest, verify
 from moco_scale.config import ConfigError
-from moco_scale.data import BUILTIN_IMAGE_SIZE, DataError, pretrain_dataset, pretrain_loader
+from moco_scale.data import AUGMENT, BUILTIN_IMAGE_SIZE, DataError, DeviceFeed, pretrain_dataset, pretrain_loader
 from moco_scale.dist import (
     DistContext,
     StopRequest,
@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     own.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     own.add_argument("--dist-timeout", type=positive_float, default=1800.0,
                      help="seconds a collective may wait before the job fails (a dead rank)")
+    own.add_argument("--augment", default="cpu", choices=AUGMENT,
+                     help="cpu: the reference pipeline (PIL) in the loader workers, uint8 views to the device; device: "
+                     "the workers only decode and draw each view's parameters, every random op runs batched on the "
+                     "training device (same parameter draws, same distribution; for GPUs the workers cannot feed)")
     own.add_argument("--skip-bad-data", action="store_true",
                      help="skip and count unreadable images and empty class folders instead of failing")
     own.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -259,7 +263,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         engine_cfg["backbone_chunk"] = args.backbone_chunk
     if args.image_size is None:
         args.image_size = BUILTIN_IMAGE_SIZE if args.data is None else 224
-    dataset = pretrain_dataset(args.data, args.image_size, args.crop_min, args.seed, args.skip_bad_data)
+    dataset = pretrain_dataset(args.data, args.image_size, args.crop_min, args.seed, args.skip_bad_data, args.augment)
     if len(dataset) < args.batch_size:
         raise ConfigError(f"global batch -b {args.batch_size} is larger than the dataset "
                           f"({len(dataset)} images in {args.data or 'the built-in dataset'})")
@@ -279,6 +283,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workers = loader_workers(args.workers, ctx.local_world_size)
     loader = pretrain_loader(dataset, args.batch_size, ctx.world_size, ctx.rank, args.seed, workers,
                              pin_memory=ctx.device.type == "cuda")
+    feed = DeviceFeed(loader, ctx.device, dataset.on_device)
     iters = len(loader)
     total_steps = iters * args.epochs if args.max_steps is None else min(args.max_steps, iters * args.epochs)
     aside = None
@@ -350,7 +355,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             break
         loader.batch_sampler.set_epoch(epoch, start_iter if epoch == start_epoch else 0)
         fetch_start = time.perf_counter()
-        for i, (x1, x2) in enumerate(loader, start=loader.batch_sampler.start):
+        for i, (x1, x2) in enumerate(feed, start=loader.batch_sampler.start):
             data_wait = time.perf_counter() - fetch_start
             ep = epoch + i / iters
             lr = schedules.learning_rate(ep, base_lr, args.epochs, args.warmup_epochs)

@@ -122,16 +122,20 @@ def torchrun(nproc: int) -> list[str]:
             "-m", "moco_scale.pretrain"]
 
 
-def builtin_batches(batch: int, steps: int, dtype: torch.dtype = torch.float32) -> list[tuple[torch.Tensor, ...]]:
+def builtin_batches(batch: int, steps: int, dtype: torch.dtype = torch.float32,
+                    augment: str = "cpu") -> list[tuple[torch.Tensor, ...]]:
     """The augmented global batches `moco-scale pretrain` sees on the built-in dataset (seed 0,
-    crop-min 0.2, 32 px), whatever the world size: augmentation is keyed by image and epoch."""
+    crop-min 0.2, 32 px), whatever the world size: augmentation is keyed by image and epoch.
+    The loader's part and the device's part run here in one process over the whole global batch."""
+    from torch.utils.data import default_collate
+
     from moco_scale.data import GlobalBatchSampler, pretrain_dataset
 
-    ds = pretrain_dataset(None, 32, 0.2, seed=0)
+    ds = pretrain_dataset(None, 32, 0.2, seed=0, augment=augment)
     batches = []
     for keys in GlobalBatchSampler(len(ds), batch, 1, 0, seed=0):
-        views = [ds[k] for k in keys]
-        batches.append(tuple(torch.stack([v[i] for v in views]).to(dtype) for i in (0, 1)))
+        views = ds.on_device((ds.collate or default_collate)([ds[k] for k in keys]))
+        batches.append(tuple(v.to(dtype) for v in views))
         if len(batches) == steps:
             return batches
     return batches

@@ -13,6 +13,7 @@ from moco_scale.data import (
     KeyedTwoViews,
     keyed_rng,
     load_digits_split,
+    normalize,
     pretrain_dataset,
     two_view_transforms,
 )
@@ -69,7 +70,7 @@ def _count(view, img, n: int, predicate) -> int:
     hits = 0
     for i in range(n):
         with keyed_rng(0, 0, i):
-            hits += bool(predicate(view(img)))
+            hits += bool(predicate(normalize(view(img))))
     return hits
 
 

@@ -1,4 +1,5 @@
-"""MoCo v3's two asymmetric views, with randomness keyed to (seed, epoch, sample).
+"""MoCo v3's two asymmetric views (`--augment cpu`, the reference pipeline), with randomness keyed to
+(seed, epoch, sample). The views leave the loader as uint8; `normalize` runs on the training device.
 
 Every random draw of torchvision's transforms comes from torch's CPU generator, so
 seeding that generator per sample makes a crop's pixels a function of its key
@@ -8,6 +9,7 @@ alone: the same global batch whatever the world size, loader workers or resume p
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import numpy as np
@@ -17,6 +19,7 @@ from torchvision import transforms as T
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+VIEWS = ((1.0, 0.0), (0.1, 0.2))  # (blur p, solarize p): view 1 always blurred, never solarized
 
 
 @contextlib.contextmanager
@@ -54,16 +57,41 @@ def view_transform(image_size: int, crop_min: float, blur_p: float, solarize_p: 
         T.RandomApply([GaussianBlur(blur_sigma)], p=blur_p),
         T.RandomSolarize(threshold=128, p=solarize_p),
         T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        T.PILToTensor(),
     ])
 
 
 def two_view_transforms(image_size: int, crop_min: float,
                         blur_sigma: tuple[float, float] = (0.1, 2.0)) -> tuple[T.Compose, T.Compose]:
-    """View 1: blur always, never solarize. View 2: blur p=0.1, solarize p=0.2."""
-    return (view_transform(image_size, crop_min, 1.0, 0.0, blur_sigma),
-            view_transform(image_size, crop_min, 0.1, 0.2, blur_sigma))
+    """View 1: blur always, never solarize. View 2: blur p=0.1, solarize p=0.2. uint8 CHW out."""
+    return tuple(view_transform(image_size, crop_min, blur_p, solarize_p, blur_sigma)  # type: ignore[return-value]
+                 for blur_p, solarize_p in VIEWS)
+
+
+class TwoViews:
+    """Both views of one image, from the same generator (view 1 drawn first)."""
+
+    def __init__(self, views: tuple[T.Compose, T.Compose]) -> None:
+        self.views = views
+
+    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.views[0](img), self.views[1](img)
+
+
+@functools.cache
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Made once per device: a copy from pageable host memory would wait for the device's queue each step."""
+    return (torch.tensor(IMAGENET_MEAN, device=device).view(-1, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device).view(-1, 1, 1))
+
+
+def normalize(x: torch.Tensor, scaled: bool = False) -> torch.Tensor:
+    """uint8 (or, with `scaled`, float in [0, 1]) images (..., 3, H, W) to ImageNet-normalised float32, on
+    their own device: the same arithmetic as ToTensor + Normalize, so the pixels match the reference's bit
+    for bit."""
+    mean, std = _mean_std(x.device)
+    x = x.float() if scaled else x.float().div_(255)
+    return x.sub(mean).div_(std)
 
 
 def eval_transform(image_size: int, resize: int | None = None) -> T.Compose:

@@ -6,6 +6,7 @@ import os
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,25 +69,28 @@ def load_digits_split(split: str, image_size: int = BUILTIN_IMAGE_SIZE) -> list[
 
 
 class KeyedTwoViews(Dataset):
-    """Two augmented views of sample `index`, drawn from a generator keyed to (seed, epoch, index).
+    """The loader's part of two augmented views of sample `index`, drawn from a generator keyed to
+    (seed, epoch, index); `on_device` is the part the training device does (data/feed.py runs it).
 
     `__getitem__` takes (epoch, index) keys from GlobalBatchSampler. With skip_bad, an unreadable
     image is replaced by the next readable one and counted in `skipped` (shared with workers).
     """
 
-    def __init__(self, base: Sequence | Dataset, views: tuple[Callable, Callable], seed: int,
-                 skip_bad: bool = False) -> None:
+    def __init__(self, base: Sequence | Dataset, views: Callable[[Image.Image], Any], seed: int,
+                 skip_bad: bool = False, collate: Callable | None = None,
+                 on_device: Callable[[Any], tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
         self.base, self.views, self.seed, self.skip_bad = base, views, seed, skip_bad
+        self.collate, self.on_device = collate, on_device
         self.skipped = torch.zeros(1, dtype=torch.int64).share_memory_()
 
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int]) -> Any:
         epoch, index = key
         img = self._image(index)
         with keyed_rng(self.seed, epoch, index):
-            return self.views[0](img), self.views[1](img)
+            return self.views(img)
 
     def _image(self, index: int) -> Image.Image:
         for offset in range(len(self.base)):

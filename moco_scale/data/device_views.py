@@ -1,0 +1,153 @@
+"""`--augment device`: loader workers decode and draw each view's random parameters; the training device
+applies the two views batched (data/ops.py).
+
+The parameters are drawn from the same keyed generator, in the same order and with the same torchvision
+algorithms as the reference pipeline (data/augment.py) draws them, so a key gives the same crop box, jitter,
+order and coin flips on both paths; only the pixel arithmetic differs (PIL there, float tensors here).
+A worker ships the part of the image that holds both crop boxes, as uint8.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from moco_scale.data import ops
+from moco_scale.data.augment import VIEWS, normalize
+
+_JITTER = T.ColorJitter(0.4, 0.4, 0.2, 0.1)
+_NO_JITTER = (1.0, 1.0, 1.0, 0.0)
+
+
+def draw_view(img: Image.Image, crop_min: float, blur_p: float, solarize_p: float,
+              sigma: tuple[float, float]) -> dict[str, torch.Tensor]:
+    """One view's parameters, consuming torch's generator exactly as data/augment.py's view_transform does."""
+    top, left, height, width = T.RandomResizedCrop.get_params(img, scale=(crop_min, 1.0), ratio=(3 / 4, 4 / 3))
+    jitter = not 0.8 < torch.rand(1)  # RandomApply
+    if jitter:
+        order, *factors = _JITTER.get_params(_JITTER.brightness, _JITTER.contrast, _JITTER.saturation, _JITTER.hue)
+    else:
+        order, factors = torch.arange(4), _NO_JITTER
+    gray = bool(torch.rand(1) < 0.2)
+    blur = not blur_p < torch.rand(1)
+    s = torch.empty(1).uniform_(*sigma).item() if blur else 0.0
+    solar = bool(torch.rand(1).item() < solarize_p)
+    flip = bool(torch.rand(1) < 0.5)
+    return {"box": torch.tensor([top, left, height, width]), "jitter": torch.tensor(jitter),
+            "factors": torch.tensor(factors, dtype=torch.float64), "order": order,
+            "gray": torch.tensor(gray), "sigma": torch.tensor(s, dtype=torch.float64),
+            "solarize": torch.tensor(solar), "flip": torch.tensor(flip)}
+
+
+@dataclass(frozen=True)
+class DeviceViews:
+    """The worker's part: decode to uint8, draw both views' parameters, cut the box that holds both crops."""
+
+    crop_min: float
+    sigma: tuple[float, float]
+
+    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        views = [draw_view(img, self.crop_min, blur_p, solarize_p, self.sigma) for blur_p, solarize_p in VIEWS]
+        box = torch.stack([v["box"] for v in views])
+        top, left = box[:, 0].min(), box[:, 1].min()
+        bottom, right = (box[:, 0] + box[:, 2]).max(), (box[:, 1] + box[:, 3]).max()
+        pixels = torch.from_numpy(np.asarray(img)[top:bottom, left:right].copy()).permute(2, 0, 1)
+        box[:, 0] -= top
+        box[:, 1] -= left
+        params = {k: torch.stack([v[k] for v in views]) for k in views[0]}
+        params["box"] = box
+        return pixels, params
+
+
+@dataclass
+class DecodedBatch:
+    """A collated `--augment device` batch: padded uint8 images (B, 3, H, W), the views' parameters (B, 2, ...),
+    and what the host already knows, so that the device never reads a value back: `index` holds, for each
+    view and op, the samples it touches, at the `spans` (start, stop) the host keeps; `taps` bounds the resize
+    filters."""
+
+    images: torch.Tensor
+    params: dict[str, torch.Tensor]
+    index: torch.Tensor
+    spans: list[dict[str, Any]]
+    taps: int
+
+    def pin_memory(self) -> DecodedBatch:  # called by the DataLoader's pin-memory thread
+        return self._map(lambda t: t.pin_memory())
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> DecodedBatch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def _map(self, fn) -> DecodedBatch:
+        return DecodedBatch(fn(self.images), {k: fn(v) for k, v in self.params.items()}, fn(self.index),
+                            self.spans, self.taps)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+class Collate:
+    """Pads the images into one batch (the crop boxes never reach the padding) and lays out the op groups."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, samples: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> DecodedBatch:
+        h = max(pixels.shape[1] for pixels, _ in samples)
+        w = max(pixels.shape[2] for pixels, _ in samples)
+        images = torch.zeros(len(samples), 3, h, w, dtype=torch.uint8)
+        for out, (pixels, _) in zip(images, samples, strict=True):
+            out[:, :pixels.shape[1], :pixels.shape[2]] = pixels
+        p = {k: torch.stack([s[1][k] for s in samples]) for k in samples[0][1]}
+        groups: list[torch.Tensor] = []
+
+        def span(mask: torch.Tensor) -> tuple[int, int]:
+            start = sum(len(g) for g in groups)
+            groups.append(mask.nonzero().flatten())
+            return start, start + len(groups[-1])
+
+        spans = []
+        for v in range(2):
+            on = p["jitter"][:, v]
+            spans.append({"jitter": [[span(on & (p["order"][:, v, k] == op)) for op in range(4)] for k in range(4)],
+                          "gray": span(p["gray"][:, v]), "blur": span(p["sigma"][:, v] > 0),
+                          "solarize": span(p["solarize"][:, v]), "flip": span(p["flip"][:, v])})
+        return DecodedBatch(images, p, torch.cat(groups), spans, ops.max_taps(p["box"], self.size))
+
+
+class AugmentOnDevice:
+    """The device's part: both views of a DecodedBatch, batched, normalised; nothing read back to the host."""
+
+    def __init__(self, size: int, sigma: tuple[float, float]) -> None:
+        self.size = size
+        self.kernel = 2 * math.ceil(3 * sigma[1]) + 1  # +-3 sigma at the largest sigma, as far as PIL's blur reaches
+
+    def __call__(self, batch: DecodedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        p, out = batch.params, []
+        for v, spans in enumerate(batch.spans):
+            x = ops.resized_crop(batch.images, p["box"][:, v], self.size, batch.taps)
+            for position in spans["jitter"]:
+                for op, span in enumerate(position):
+                    x = _apply(x, batch.index, span, ops.JITTER_OPS[op], p["factors"][:, v, op])
+            x = _apply(x, batch.index, spans["gray"], ops.to_grayscale)
+            x = _apply(x, batch.index, spans["blur"], ops.gaussian_blur, p["sigma"][:, v], self.kernel)
+            x = _apply(x, batch.index, spans["solarize"], ops.solarize)
+            x = _apply(x, batch.index, spans["flip"], ops.hflip)
+            out.append(normalize(x, scaled=True))
+        return out[0], out[1]
+
+
+def _apply(x: torch.Tensor, index: torch.Tensor, span: tuple[int, int], op, *args) -> torch.Tensor:
+    """x (a batch this module owns) with op applied in place to the samples index[start:stop]; per-sample
+    tensor arguments are indexed alike."""
+    if span[0] == span[1]:
+        return x
+    idx = index[span[0]:span[1]]
+    picked = [a.index_select(0, idx) if isinstance(a, torch.Tensor) else a for a in args]
+    return x.index_copy_(0, idx, op(x.index_select(0, idx), *picked))

@@ -1,12 +1,13 @@
-"""Benchmark: the pretraining data loader alone (decode, two augmented views, collate, pinned transfer) on
-ImageNet-like JPEGs made here, per worker count, against the images/s a training step consumes.
+"""Benchmark: the pretraining data path alone (decode, two augmented views, collate, pinned transfer, the
+device's part) on ImageNet-like JPEGs made from scikit-image's photos (moco_scale/data/photos.py), per
+`--augment` and loader worker count, against the images/s a training step consumes.
 
-    python scripts/bench_data.py --workers 1 2                  # this machine
-    python scripts/bench_data.py --workers 4 8 14 --device cuda --step-json runs/gpu_check/bench_gpu.json
+    python scripts/bench_data.py --workers 1 2                  # this machine, the CPU as the device
+    python scripts/bench_data.py --device cuda --workers 2 4 8 14 --step-json runs/gpu_check/bench_gpu.json
 
-The JPEGs (quality 90, about 500x375 with varied aspect ratios, a few grayscale) are smooth random fields
-with texture, written once into --images (default: a temporary folder). `--step-json` is bench_gpu.py's
---json output: the fastest vit_base row's images/s is what the loader must keep up with.
+"per core" is images per CPU-second of the whole job (main process and workers, user + system), so a path that
+moves work from the workers to the device's CPU threads is charged for it. `--step-json` is bench_gpu.py's
+--json output: its fastest vit_base row's images/s is what the loader must keep up with.
 """
 
 from __future__ import annotations
@@ -17,49 +18,68 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+import psutil
 import torch
 from gpu_common import Table
-from PIL import Image
 
-from moco_scale.data import pretrain_dataset, pretrain_loader
-
-
-def write_jpegs(root: Path, count: int, seed: int = 0) -> Path:
-    """An ImageFolder root/train/<class>/*.jpg of `count` ImageNet-sized JPEGs (skipped where already there)."""
-    train = root / "train"
-    if train.is_dir() and sum(1 for _ in train.rglob("*.jpg")) >= count:
-        return root
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        w, h = (500, 375) if i % 3 else tuple(int(v) for v in rng.integers(300, 640, 2))
-        low = rng.random((h // 25 + 2, w // 25 + 2, 3)) * 255  # a smooth field, upsampled, plus texture
-        img = np.asarray(Image.fromarray(low.astype(np.uint8)).resize((w, h), Image.BICUBIC), dtype=np.float32)
-        img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
-        pil = Image.fromarray(img)
-        if i % 17 == 0:
-            pil = pil.convert("L")
-        folder = train / f"c{i % 4}"
-        folder.mkdir(parents=True, exist_ok=True)
-        pil.save(folder / f"{i:05d}.jpg", quality=90)
-    return root
+from moco_scale.data import DeviceFeed, pretrain_dataset, pretrain_loader
+from moco_scale.data.photos import write_photo_folder
 
 
-def loader_rate(root: Path, workers: int, batch: int, batches: int, pin: bool) -> float:
-    dataset = pretrain_dataset(str(root), 224, 0.08, seed=0)
-    loader = pretrain_loader(dataset, batch, 1, 0, 0, workers, pin_memory=pin)
-    it = iter(loader)
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its live children (the loader workers)."""
+    me = psutil.Process()
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def batch_bytes(batch) -> int:
+    """Bytes of one collated batch, as they cross shared memory from a worker."""
+    if isinstance(batch, tuple | list):
+        return sum(t.nbytes for t in batch)
+    return sum(t.nbytes for t in batch.images) + batch.index.nbytes + sum(t.nbytes for t in batch.params.values())
+
+
+class Tap:
+    """The loader's batches as they pass, to measure their bytes."""
+
+    def __init__(self, loader) -> None:
+        self.loader, self.bytes, self.images = loader, 0, 0
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.bytes += batch_bytes(batch)
+            self.images += len(batch) if not isinstance(batch, tuple | list) else batch[0].shape[0]
+            yield batch
+
+
+def measure(root: Path, augment: str, workers: int, size: int, batch: int, batches: int,
+            device: torch.device) -> dict[str, float]:
+    dataset = pretrain_dataset(str(root), size, 0.08, seed=0, augment=augment)
+    loader = pretrain_loader(dataset, batch, 1, 0, 0, workers, pin_memory=device.type == "cuda")
+    tap = Tap(loader)
+    it = iter(DeviceFeed(tap, device, dataset.on_device))
     next(it)  # workers started, first batch out
-    start, seen = time.perf_counter(), 0
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start, cpu0, seen = time.perf_counter(), cpu_seconds(), 0
     for _ in range(batches):
         try:
             x1, _ = next(it)
         except StopIteration:
             break
         seen += x1.shape[0]
-    rate = seen / (time.perf_counter() - start)
+    sync()
+    wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu0
+    out = {"img_s": seen / wall, "img_cpu_s": seen / cpu, "bytes": tap.bytes / max(tap.images, 1)}
     del it, loader
-    return rate
+    return out
 
 
 def step_demand(path: str | None) -> float | None:
@@ -71,29 +91,42 @@ def step_demand(path: str | None) -> float | None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--augment", nargs="+", default=["cpu", "device"], choices=("cpu", "device"))
     p.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     p.add_argument("--images", default=None, help="folder for the generated JPEGs (kept; default: temporary)")
-    p.add_argument("--count", type=int, default=512, help="JPEGs to generate")
+    p.add_argument("--count", type=int, default=256, help="JPEGs to generate")
+    p.add_argument("--size", type=int, default=224, help="crop size")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--batches", type=int, default=6, help="batches timed per worker count")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: pinned memory")
+    p.add_argument("--batches", type=int, default=3, help="batches timed per row")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the main process (CPU device)")
     p.add_argument("--step-json", default=None)
     p.add_argument("--budget-s", type=float, default=float("inf"))
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        root = write_jpegs(Path(args.images or tmp), args.count)
+        root = write_photo_folder(Path(args.images or tmp), args.count)
         demand = step_demand(args.step_json)
-        crop_bytes = 2 * 3 * 224 * 224 * torch.float32.itemsize
-        table = Table(f"bench_data: the reference pipeline (--augment cpu), {args.count} JPEGs ~500x375 q90, batch "
-                      f"{args.batch}, two 224 px fp32 views, {crop_bytes / 2**20:.2f} MiB per image through shared "
-                      "memory", ["workers", "images/s", "images/s per worker", "ViT-B step consumes img/s",
-                                 "loader / step"], args.budget_s)
+        table = Table(f"bench_data: {args.count} JPEGs from scikit-image photos (~500x375, q90, some grayscale and "
+                      f"CMYK), batch {args.batch}, two {args.size} px views, the device's part on {device} "
+                      f"({torch.get_num_threads()} threads); per core = images per CPU-second of the whole job",
+                      ["augment", "workers", "images/s", "images/s per core", "x reference per core",
+                       "KiB per image through shared memory", "ViT-B step consumes img/s", "loader / step"],
+                      args.budget_s)
+        reference: dict[int, float] = {}
         for w in args.workers:
-            def run(w=w):
-                rate = loader_rate(root, w, args.batch, args.batches, args.device == "cuda")
-                return [f"{rate:.0f}", f"{rate / max(w, 1):.0f}", "n/a" if demand is None else f"{demand:.0f}",
-                        "n/a" if demand is None else f"{rate / demand:.2f}"]
-            table.row([w], run)
+            for augment in args.augment:
+                def run(w=w, augment=augment):
+                    r = measure(root, augment, w, args.size, args.batch, args.batches, device)
+                    if augment == "cpu":
+                        reference[w] = r["img_cpu_s"]
+                    ratio = f"{r['img_cpu_s'] / reference[w]:.2f}" if w in reference else "n/a"
+                    return [f"{r['img_s']:.0f}", f"{r['img_cpu_s']:.0f}", ratio, f"{r['bytes'] / 1024:.0f}",
+                            "n/a" if demand is None else f"{demand:.0f}",
+                            "n/a" if demand is None else f"{r['img_s'] / demand:.2f}"]
+                table.row([augment, w], run)
         return 1 if table.failed else 0
 
 

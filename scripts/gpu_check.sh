@@ -10,8 +10,9 @@
 #   4. hot_path.md     ViT-B/16 batch 256, DDP and FSDP bf16: shipped, and with one part of the hot path changed
 #                      (unfused AdamW, FSDP's implicit prefetch, per-block torch.compile)
 #   5. chunking.md     ViT-B/16 per-GPU batch 4096 with backbone chunking K = 128 against unchunked 256
-#   6. data.md         the data loader alone (reference pipeline, generated ImageNet-sized JPEGs, up to 14
-#                      workers) against the images/s the ViT-B step consumes
+#   6. data.md         the data path alone, --augment cpu (the reference pipeline in the workers) and device
+#                      (the views made on the GPU), 4-14 workers, JPEGs from scikit-image's photos, against
+#                      the images/s the ViT-B step consumes
 #
 #   bash scripts/gpu_check.sh             # on the GPU node (python3 there; .whl/ from scripts/gpu_wheels.sh)
 #   bash scripts/gpu_check.sh --dry-run   # here, on the CPU: tiny shapes, every stage, 2-3 minutes
@@ -42,9 +43,11 @@ else
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" DS_BUILD_OPS=0
   fi
 fi
-if ! "$PYTHON" -c "import torch, timm, deepspeed, sklearn; assert '$DEVICE' == 'cpu' or torch.cuda.is_available()"
+if ! "$PYTHON" -c "import torch, timm, deepspeed, sklearn, skimage, psutil
+assert '$DEVICE' == 'cpu' or torch.cuda.is_available()"
 then
-  echo "gpu_check: $PYTHON needs torch (with CUDA unless --dry-run), timm, deepspeed and scikit-learn" >&2
+  echo "gpu_check: $PYTHON needs torch (with CUDA unless --dry-run), timm, deepspeed, scikit-learn, scikit-image" \
+       "and psutil" >&2
   exit 2
 fi
 "$PYTHON" -c "import torch, deepspeed; print(f'torch {torch.__version__}, deepspeed {deepspeed.__version__}')"
@@ -74,7 +77,7 @@ if [ $DRY = 1 ]; then
     --ac 0 --steps 1 --variants shipped unfused no_prefetch compiled --budget-s 90
   stage chunking 60 scripts/bench_chunking.py --device cpu --precision bf16 -a vit_tiny --image-size 32 \
     --batches 8 --chunks 0 8 --steps 1
-  stage data 60 scripts/bench_data.py --workers 0 2 --count 64 --batch 16 --batches 2 \
+  stage data 60 scripts/bench_data.py --workers 0 2 --count 64 --size 96 --batch 16 --batches 2 \
     --step-json "$OUT/bench_gpu.json"
 else
   stage equivalence 50 scripts/gpu_equivalence.py --device cuda
@@ -82,12 +85,12 @@ else
     --batches 256 128 --ac 0 1 --steps 4 --budget-s 115 --json "$OUT/bench_gpu.json"
   stage bench_resnet 40 scripts/bench_gpu.py --archs resnet50 --engines ddp_bf16 --optimizer lars \
     --batches 128 --ac 0 --channels-last 0 1 --steps 4 --budget-s 30
-  stage hot_path 100 scripts/bench_gpu.py --archs vit_base --engines ddp_bf16 fsdp --batches 256 --ac 0 --steps 4 \
-    --variants shipped unfused no_prefetch compiled --budget-s 90
+  stage hot_path 85 scripts/bench_gpu.py --archs vit_base --engines ddp_bf16 fsdp --batches 256 --ac 0 --steps 4 \
+    --variants shipped unfused no_prefetch compiled --budget-s 75
   stage chunking 60 scripts/bench_chunking.py --device cuda --precision bf16 --image-size 224 -a vit_base \
     --batches 256 4096 --chunks 0 128 --steps 2
-  stage data 45 scripts/bench_data.py --device cuda --workers 4 8 14 --count 1024 --batch 256 --batches 3 \
-    --budget-s 35 --step-json "$OUT/bench_gpu.json"
+  stage data 75 scripts/bench_data.py --device cuda --augment cpu device --workers 4 8 14 --count 512 \
+    --batch 128 --batches 3 --budget-s 55 --step-json "$OUT/bench_gpu.json"
 fi
 echo "gpu_check: tables in $OUT (*.md), log in $OUT/log.txt; exit $status"
 exit $status

@@ -52,7 +52,7 @@ def pretrain_dataset(data: str | None, image_size: int, crop_min: float, seed: i
     if augment == "cpu":
         return KeyedTwoViews(base, TwoViews(two_view_transforms(image_size, crop_min, sigma)), seed, skip_bad,
                              on_device=normalize_views)
-    return KeyedTwoViews(base, DeviceViews(crop_min, sigma), seed, skip_bad, collate=Collate(image_size),
+    return KeyedTwoViews(base, DeviceViews(crop_min, sigma), seed, skip_bad, collate=Collate(),
                          on_device=AugmentOnDevice(image_size, sigma))
 
 

@@ -67,16 +67,17 @@ class DeviceViews:
 
 @dataclass
 class DecodedBatch:
-    """A collated `--augment device` batch: padded uint8 images (B, 3, H, W), the views' parameters (B, 2, ...),
+    """A collated `--augment device` batch: B uint8 images (3, H_i, W_i), each cut to the box holding both of its
+    crops (no padding: the resize runs per sample anyway), the views' parameters (B, 2, ...),
     and what the host already knows, so that the device never reads a value back: `index` holds, for each
-    view and op, the samples it touches, at the `spans` (start, stop) the host keeps; `taps` bounds the resize
-    filters."""
+    view and op, the samples it touches, at the `spans` (start, stop) the host keeps; `boxes` are each view's crop
+    boxes (top, left, height, width)."""
 
-    images: torch.Tensor
+    images: list[torch.Tensor]
     params: dict[str, torch.Tensor]
     index: torch.Tensor
     spans: list[dict[str, Any]]
-    taps: int
+    boxes: list[list[tuple[int, int, int, int]]]
 
     def pin_memory(self) -> DecodedBatch:  # called by the DataLoader's pin-memory thread
         return self._map(lambda t: t.pin_memory())
@@ -85,25 +86,18 @@ class DecodedBatch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def _map(self, fn) -> DecodedBatch:
-        return DecodedBatch(fn(self.images), {k: fn(v) for k, v in self.params.items()}, fn(self.index),
-                            self.spans, self.taps)
+        return DecodedBatch([fn(t) for t in self.images], {k: fn(v) for k, v in self.params.items()}, fn(self.index),
+                            self.spans, self.boxes)
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return len(self.images)
 
 
 class Collate:
-    """Pads the images into one batch (the crop boxes never reach the padding) and lays out the op groups."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
+    """Stacks the parameters and lays out the op groups; the images stay one tensor each."""
 
     def __call__(self, samples: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> DecodedBatch:
-        h = max(pixels.shape[1] for pixels, _ in samples)
-        w = max(pixels.shape[2] for pixels, _ in samples)
-        images = torch.zeros(len(samples), 3, h, w, dtype=torch.uint8)
-        for out, (pixels, _) in zip(images, samples, strict=True):
-            out[:, :pixels.shape[1], :pixels.shape[2]] = pixels
+        images = [pixels for pixels, _ in samples]
         p = {k: torch.stack([s[1][k] for s in samples]) for k in samples[0][1]}
         groups: list[torch.Tensor] = []
 
@@ -118,7 +112,9 @@ class Collate:
             spans.append({"jitter": [[span(on & (p["order"][:, v, k] == op)) for op in range(4)] for k in range(4)],
                           "gray": span(p["gray"][:, v]), "blur": span(p["sigma"][:, v] > 0),
                           "solarize": span(p["solarize"][:, v]), "flip": span(p["flip"][:, v])})
-        return DecodedBatch(images, p, torch.cat(groups), spans, ops.max_taps(p["box"], self.size))
+        box = p.pop("box")
+        boxes = [[tuple(b) for b in box[:, v].tolist()] for v in range(2)]
+        return DecodedBatch(images, p, torch.cat(groups), spans, boxes)
 
 
 class AugmentOnDevice:
@@ -131,7 +127,7 @@ class AugmentOnDevice:
     def __call__(self, batch: DecodedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         p, out = batch.params, []
         for v, spans in enumerate(batch.spans):
-            x = ops.resized_crop(batch.images, p["box"][:, v], self.size, batch.taps)
+            x = ops.resized_crop(batch.images, batch.boxes[v], self.size)
             for position in spans["jitter"]:
                 for op, span in enumerate(position):
                     x = _apply(x, batch.index, span, ops.JITTER_OPS[op], p["factors"][:, v, op])

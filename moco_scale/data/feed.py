@@ -55,4 +55,4 @@ class DeviceFeed:
 def _tensors(batch: Any) -> list[torch.Tensor]:
     if isinstance(batch, tuple | list):
         return list(batch)
-    return [batch.images, batch.index, *batch.params.values()]
+    return [*batch.images, batch.index, *batch.params.values()]

@@ -2,12 +2,14 @@
 (B, 3, H, W) in [0, 1] on any device, each matching torchvision's tensor functional (transforms.v2.functional)
 applied image by image with the same parameter.
 
-Sums over filter taps are written out tap by tap, never as a reduction or a matmul over a padded size: a
-sample's pixels then do not depend on which other samples share its batch (the world size and the loader's
-batch split change that), only on its own parameters.
+A sample's pixels depend only on its own image and parameters, never on which other samples share its batch
+(the world size and the loader's batch split change that): the resize runs per sample, and the blur's sum over
+its taps is written out tap by tap rather than left to a convolution whose algorithm may follow the batch size.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,57 +17,16 @@ import torch.nn.functional as F
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601-2)
 
 
-def aa_taps(start: torch.Tensor, length: torch.Tensor, out_size: int, taps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Source indices and weights (B, out_size, taps) of an antialiased bilinear resize of the segment
-    [start, start + length) of each sample to `out_size`: torch's `interpolate(..., mode="bilinear",
-    antialias=True)` filter (a triangle widened by the downscale factor, clipped to the segment and
-    renormalised). Taps beyond a pixel's support get weight 0 and a valid index."""
-    scale = length.double() / out_size  # (B,)
-    support = torch.where(scale >= 1, scale, torch.ones_like(scale))
-    inv = torch.where(scale >= 1, 1 / scale, torch.ones_like(scale))
-    center = scale[:, None] * (torch.arange(out_size, device=start.device, dtype=torch.float64) + 0.5)  # (B, out)
-    lo = (center - support[:, None] + 0.5).trunc().clamp(min=0)
-    hi = torch.minimum((center + support[:, None] + 0.5).trunc(), length[:, None].double())
-    j = lo[..., None] + torch.arange(taps, device=start.device, dtype=torch.float64)  # (B, out, taps)
-    w = (1 - ((j - center[..., None] + 0.5) * inv[:, None, None]).abs()).clamp(min=0)
-    w = torch.where(j < hi[..., None], w, torch.zeros_like(w))
-    total = w[..., 0].clone()
-    for t in range(1, taps):
-        total += w[..., t]
-    w = (w / total[..., None]).float()
-    idx = torch.minimum(j, (length[:, None, None] - 1).double()).long() + start[:, None, None]
-    return idx, w
-
-
-def _resample(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sum over taps of w * x gathered along `dim` (2: rows, 3: columns); idx, w are (B, out, taps)."""
-    b, c, h, wd = x.shape
-    out = None
-    for t in range(idx.shape[-1]):
-        if dim == 2:
-            index, weight = idx[:, None, :, t, None].expand(b, c, -1, wd), w[:, None, :, t, None]
-        else:
-            index, weight = idx[:, None, None, :, t].expand(b, c, h, -1), w[:, None, None, :, t]
-        term = x.gather(dim, index).float() * weight
-        out = term if out is None else out.add_(term)
-    return out
-
-
-def resized_crop(images: torch.Tensor, box: torch.Tensor, size: int, taps: int) -> torch.Tensor:
-    """Crop box (top, left, height, width) of each uint8 image (B, 3, H, W) resized to size x size: torchvision's
-    `resized_crop(..., antialias=True)` on the float image, as float in [0, 1]. `taps`: at least
-    `max_taps(box, size)` (from the host, so that no value is read back from the device)."""
-    top, left, height, width = box.unbind(-1)
-    idx, w = aa_taps(left, width, size, taps)
-    x = _resample(images, idx, w, dim=3)  # columns first, as torch does
-    idx, w = aa_taps(top, height, size, taps)
-    return _resample(x, idx, w, dim=2).div_(255)
-
-
-def max_taps(box: torch.Tensor, size: int) -> int:
-    """Taps that cover the widest filter of any crop in `box` (..., 4) resized to `size` (host tensors)."""
-    longest = float(box[..., 2:].max()) / size
-    return int(2 * max(longest, 1.0)) + 2
+def resized_crop(images: Sequence[torch.Tensor], boxes: Sequence[tuple[int, int, int, int]],
+                 size: int) -> torch.Tensor:
+    """Crop box (top, left, height, width) of each uint8 image (3, H_i, W_i) resized to size x size, as float in
+    [0, 1]: torchvision's `resized_crop(..., antialias=True)` on the float image. One resize per sample (every
+    crop has its own size; torch's antialiased kernel touches only the crop), the boxes read on the host."""
+    out = torch.empty(len(boxes), 3, size, size, device=images[0].device)
+    for b, (top, left, height, width) in enumerate(boxes):
+        crop = images[b][None, :, top:top + height, left:left + width].float()
+        out[b:b + 1] = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out.div_(255)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -134,17 +95,15 @@ def gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, size: int) -> torch.Tensor:
     """torchvision's `gaussian_blur(kernel_size=size, sigma)` per sample: separable, reflect padding."""
-    w, pad = gaussian_kernels(sigma, size), size // 2
+    w, pad = gaussian_kernels(sigma, size)[:, :, None, None, None], size // 2
     h, wd = x.shape[-2:]
     xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    rows = None
-    for t in range(size):
-        term = xp[..., t:t + wd] * w[:, t, None, None, None]
-        rows = term if rows is None else rows.add_(term)
-    out = None
-    for t in range(size):
-        term = rows[..., t:t + h, :] * w[:, t, None, None, None]
-        out = term if out is None else out.add_(term)
+    rows = xp[..., 0:wd] * w[:, 0]
+    for t in range(1, size):
+        rows.addcmul_(xp[..., t:t + wd], w[:, t])
+    out = rows[..., 0:h, :] * w[:, 0]
+    for t in range(1, size):
+        out.addcmul_(rows[..., t:t + h, :], w[:, t])
     return out
 
 

@@ -1,11 +1,14 @@
 """Engine equivalence on one CUDA device (world 1, fp32, TF32 off): every shipped engine config runs
 3 MoCo v3 steps of a tiny ViT (AdamW) and is compared with tests/reference.py's oracle run on the same
 device, by the test suite's own criteria. Prints one table row per config; exits 1 on a mismatch.
-`--device cpu` runs the same check on the CPU (a smoke test of the script)."""
+A second table: both `--augment` paths through DeviceFeed (pinned memory, the side-stream copy) on the device
+against the same batches made on the CPU. `--device cpu` runs the same checks on the CPU (a smoke test of the
+script)."""
 
 from __future__ import annotations
 
 import sys
+import tempfile
 
 import torch
 from gpu_common import REPO, Table, init_single
@@ -13,6 +16,8 @@ from helpers import TINY_VIT, assert_losses_close, assert_matches_oracle, noise_
 from reference import Oracle
 
 from moco_scale import build_moco, schedules
+from moco_scale.data import DeviceFeed, pretrain_dataset, pretrain_loader
+from moco_scale.data.photos import write_photo_folder
 from moco_scale.engines import build_engine, load_engine_config, with_precision
 
 CONFIGS = ["ddp", "fsdp", "fsdp_grad_op", "zero0", "zero1", "zero2", "zero3", "zero3_offload"]
@@ -59,6 +64,25 @@ def compare(name: str, batches, ctx, want_losses, want, init, exact, noise, para
     return [f"{loss_diff:.1e}", f"{param_diff:.1e}", "ok"]
 
 
+def compare_augment(augment: str, root: str, device: torch.device) -> list[str]:
+    """Two epochs of batches through DeviceFeed on `device` against the device's part run on the CPU; bound 1e-4
+    in normalised units (interpolation and blur round differently on CUDA, by about 1e-6)."""
+    ds = pretrain_dataset(root, 224, 0.08, seed=0, augment=augment)
+    loader = pretrain_loader(ds, 8, 1, 0, 0, 2, pin_memory=device.type == "cuda")
+    got = []
+    for epoch in range(2):
+        loader.batch_sampler.set_epoch(epoch)
+        got += [tuple(v.cpu() for v in views) for views in DeviceFeed(loader, device, ds.on_device)]
+    want = []
+    for epoch in range(2):
+        loader.batch_sampler.set_epoch(epoch)
+        want += [ds.on_device(batch) for batch in loader]
+    worst = max(float((g - w).abs().max()) for gs, ws in zip(got, want, strict=True) for g, w in zip(gs, ws))
+    if worst >= 1e-4:
+        raise AssertionError(f"{augment}: max abs diff {worst:.1e} >= 1e-4")
+    return [len(got), f"{worst:.1e}", "ok"]
+
+
 def main() -> int:
     device = sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -77,7 +101,14 @@ def main() -> int:
                                       "aside)", "result"])
     for config in CONFIGS:
         table.row([config], lambda c=config: compare(c, batches, ctx, want_losses, want, init, exact, noise, params))
-    return 1 if table.failed else 0
+    failed = table.failed
+    with tempfile.TemporaryDirectory() as tmp:
+        root = str(write_photo_folder(tmp, 32))
+        table = Table(f"gpu_equivalence: both --augment paths through DeviceFeed on {name} vs the CPU, 32 JPEGs, "
+                      "batch 8, 2 workers, 2 epochs", ["augment", "batches", "max abs diff (normalised)", "result"])
+        for augment in ("cpu", "device"):
+            table.row([augment], lambda a=augment: compare_augment(a, root, torch.device(device)))
+    return 1 if failed or table.failed else 0
 
 
 if __name__ == "__main__":

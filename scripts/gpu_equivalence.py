@@ -77,7 +77,8 @@ def compare_augment(augment: str, root: str, device: torch.device) -> list[str]:
     for epoch in range(2):
         loader.batch_sampler.set_epoch(epoch)
         want += [ds.on_device(batch) for batch in loader]
-    worst = max(float((g - w).abs().max()) for gs, ws in zip(got, want, strict=True) for g, w in zip(gs, ws))
+    worst = max(float((g - w).abs().max())
+                for gs, ws in zip(got, want, strict=True) for g, w in zip(gs, ws, strict=True))
     if worst >= 1e-4:
         raise AssertionError(f"{augment}: max abs diff {worst:.1e} >= 1e-4")
     return [len(got), f"{worst:.1e}", "ok"]

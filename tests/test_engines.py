@@ -104,10 +104,14 @@ def test_chunked_backbone_run_matches_the_oracle(oracle, device_oracle, config, 
 
 #: -m slow (each launch costs ~17 s of the suite's budget): world 4 of the variants whose sharding world 4 does not
 #: exercise differently from their base config (ZeRO-1's optimizer fragments are ZeRO-2's; DDP and FSDP at world
-#: 4 run in-process in test_equivalence, fp64; ZeRO-3 keeps world 4), and DeepSpeed at world 1 except ZeRO-3 (one
-#: rank holds every partition: each stage's layout is the whole tensor, the same single-rank path)
+#: 4 run in-process in test_equivalence, fp64; ZeRO-3 keeps world 4), DeepSpeed at world 1 except ZeRO-3 (one
+#: rank holds every partition: each stage's layout is the whole tensor, the same single-rank path), and the
+#: launches another test already makes against the oracle: DDP, FSDP and ZeRO-3 at world 2 under their launchers
+#: (test_chunked_backbone_run_matches_the_oracle; chunking changes no result, test_chunking), DDP at world 1
+#: (test_cli's plain process), FSDP with grad-op sharding at world 1 (FSDP full shard's single-rank path)
 SLOW = {("zero0", 4), ("zero3_offload", 4), ("fsdp_grad_op", 4), ("zero1", 4), ("ddp", 4), ("zero2", 4), ("fsdp", 4),
-        ("zero0", 1), ("zero1", 1), ("zero2", 1), ("zero3_offload", 1)}
+        ("zero0", 1), ("zero1", 1), ("zero2", 1), ("zero3_offload", 1),
+        ("ddp", 2), ("fsdp", 2), ("zero3", 2), ("ddp", 1), ("fsdp_grad_op", 1)}
 
 
 @pytest.mark.parametrize("config,world", [pytest.param(c, w, marks=pytest.mark.slow) if (c, w) in SLOW else (c, w)
@@ -163,7 +167,14 @@ def load(config: str, world: int, **overrides) -> dict:
     return cfg
 
 
-def momentum_run(ctx: DistContext, config: str, batches, m0: float, out_path, overrides: dict) -> None:
+def momentum_runs(ctx: DistContext, config: str, batches, m0: float, out_path, runs: list[dict]) -> None:
+    """One momentum_run per engine-config override in `runs`, in one job (process start-up dominates)."""
+    results = [momentum_run(ctx, config, batches, m0, dict(overrides)) for overrides in runs]
+    if ctx.is_main:
+        torch.save(results, out_path)
+
+
+def momentum_run(ctx: DistContext, config: str, batches, m0: float, overrides: dict) -> dict:
     """Train K steps; before each, record the engine's fp32 base masters, and run our own fp32 EMA of them."""
     torch.manual_seed(0)
     engine = build_engine(build_moco(**TINY_VIT), "adamw", WD, load(config, ctx.world_size, **overrides), ctx)
@@ -183,18 +194,17 @@ def momentum_run(ctx: DistContext, config: str, batches, m0: float, out_path, ov
         loss = engine.train_step(x1[ctx.rank * b:(ctx.rank + 1) * b], x2[ctx.rank * b:(ctx.rank + 1) * b], lr, m)
         losses.append(mean_across_ranks(loss).item())
     final = snapshot()
-    if ctx.is_main:
-        torch.save({"losses": losses, "ema": ema, "state": final, "precision": engine.precision,
-                    "init": {k: v for k, v in state.items() if k in ema}}, out_path)
     engine.close()
+    return {"losses": losses, "ema": ema, "state": final, "precision": engine.precision,
+            "init": {k: v for k, v in state.items() if k in ema}}
 
 
 @pytest.mark.parametrize("config", ["fsdp", "zero3", "zero2", "zero0"])
 def test_bf16_momentum_is_the_fp32_ema_of_the_fp32_masters(config, tmp_path):
     """m0 = 0.999: 1 - m is below bf16's resolution, so a 16-bit EMA would not move at all."""
-    batches = make_batches(4)
-    spawn(momentum_run, 2, config, batches, 0.999, tmp_path / "out.pt", {"precision": "bf16"})
-    got = torch.load(tmp_path / "out.pt")
+    spawn(momentum_runs, 2, config, make_batches(4), 0.999, tmp_path / "out.pt",
+          [{"precision": "bf16"}, {"precision": "fp32"}])
+    got, fp32 = torch.load(tmp_path / "out.pt")
     assert got["precision"] == "bf16"
     worst = max((rel_err(got["state"][k], got["ema"][k]), k) for k in got["ema"])
     assert worst[0] <= 1e-6, f"{worst[1]} differs from the fp32 EMA by {worst[0]:.1e}"
@@ -208,18 +218,14 @@ def test_bf16_momentum_is_the_fp32_ema_of_the_fp32_masters(config, tmp_path):
     assert all(v.dtype == torch.float32 for k, v in got["state"].items() if v.is_floating_point())
     # bf16 tracks fp32: the same steps in fp32 give losses within 5% (FSDP measured 2.2% at step 2: the
     # whole model, heads included, computes in bf16, unlike autocast)
-    spawn(momentum_run, 2, config, batches, 0.999, tmp_path / "fp32.pt", {"precision": "fp32"})
-    assert_losses_close(got["losses"], torch.load(tmp_path / "fp32.pt")["losses"], rtol=5e-2)
+    assert_losses_close(got["losses"], fp32["losses"], rtol=5e-2)
 
 
 @pytest.mark.parametrize("config", ["fsdp", "zero3"])
 def test_activation_checkpointing_changes_no_loss(config, tmp_path):
-    batches = make_batches(3)
-    runs = {}
-    for every in (0, 1, 2):
-        key = "activation_checkpointing"
-        spawn(momentum_run, 2, config, batches, 0.99, tmp_path / f"ac{every}.pt", {key: every, "precision": "fp32"})
-        runs[every] = torch.load(tmp_path / f"ac{every}.pt")
+    spawn(momentum_runs, 2, config, make_batches(3), 0.99, tmp_path / "ac.pt",
+          [{"activation_checkpointing": every, "precision": "fp32"} for every in (0, 1, 2)])
+    runs = dict(enumerate(torch.load(tmp_path / "ac.pt")))
     for every in (1, 2):
         assert_losses_close(runs[every]["losses"], runs[0]["losses"], rtol=1e-6)
         for k, v in runs[0]["state"].items():

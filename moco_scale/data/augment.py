@@ -20,6 +20,8 @@ from torchvision import transforms as T
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VIEWS = ((1.0, 0.0), (0.1, 0.2))  # (blur p, solarize p): view 1 always blurred, never solarized
+JITTER, JITTER_P, GRAY_P, FLIP_P = (0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 0.5  # brightness, contrast, saturation, hue
+SOLARIZE_AT = 128
 
 
 @contextlib.contextmanager
@@ -52,11 +54,11 @@ def view_transform(image_size: int, crop_min: float, blur_p: float, solarize_p: 
                    blur_sigma: tuple[float, float] = (0.1, 2.0)) -> T.Compose:
     return T.Compose([
         T.RandomResizedCrop(image_size, scale=(crop_min, 1.0)),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
+        T.RandomApply([T.ColorJitter(*JITTER)], p=JITTER_P),
+        T.RandomGrayscale(p=GRAY_P),
         T.RandomApply([GaussianBlur(blur_sigma)], p=blur_p),
-        T.RandomSolarize(threshold=128, p=solarize_p),
-        T.RandomHorizontalFlip(),
+        T.RandomSolarize(threshold=SOLARIZE_AT, p=solarize_p),
+        T.RandomHorizontalFlip(p=FLIP_P),
         T.PILToTensor(),
     ])
 

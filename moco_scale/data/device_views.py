@@ -19,9 +19,9 @@ from PIL import Image
 from torchvision import transforms as T
 
 from moco_scale.data import ops
-from moco_scale.data.augment import VIEWS, normalize
+from moco_scale.data.augment import FLIP_P, GRAY_P, JITTER, JITTER_P, VIEWS, normalize
 
-_JITTER = T.ColorJitter(0.4, 0.4, 0.2, 0.1)
+_JITTER = T.ColorJitter(*JITTER)
 _NO_JITTER = (1.0, 1.0, 1.0, 0.0)
 
 
@@ -29,16 +29,16 @@ def draw_view(img: Image.Image, crop_min: float, blur_p: float, solarize_p: floa
               sigma: tuple[float, float]) -> dict[str, torch.Tensor]:
     """One view's parameters, consuming torch's generator exactly as data/augment.py's view_transform does."""
     top, left, height, width = T.RandomResizedCrop.get_params(img, scale=(crop_min, 1.0), ratio=(3 / 4, 4 / 3))
-    jitter = not 0.8 < torch.rand(1)  # RandomApply
+    jitter = not JITTER_P < torch.rand(1)  # RandomApply
     if jitter:
         order, *factors = _JITTER.get_params(_JITTER.brightness, _JITTER.contrast, _JITTER.saturation, _JITTER.hue)
     else:
         order, factors = torch.arange(4), _NO_JITTER
-    gray = bool(torch.rand(1) < 0.2)
+    gray = bool(torch.rand(1) < GRAY_P)
     blur = not blur_p < torch.rand(1)
     s = torch.empty(1).uniform_(*sigma).item() if blur else 0.0
     solar = bool(torch.rand(1).item() < solarize_p)
-    flip = bool(torch.rand(1) < 0.5)
+    flip = bool(torch.rand(1) < FLIP_P)
     return {"box": torch.tensor([top, left, height, width]), "jitter": torch.tensor(jitter),
             "factors": torch.tensor(factors, dtype=torch.float64), "order": order,
             "gray": torch.tensor(gray), "sigma": torch.tensor(s, dtype=torch.float64),

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from moco_scale.data.augment import SOLARIZE_AT
+
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601-2)
 
 
@@ -107,7 +109,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, size: int) -> torch.Tens
     return out
 
 
-def solarize(x: torch.Tensor, threshold: float = 128 / 255) -> torch.Tensor:
+def solarize(x: torch.Tensor, threshold: float = SOLARIZE_AT / 255) -> torch.Tensor:
     return torch.where(x >= threshold, 1 - x, x)
 
 

@@ -23,6 +23,7 @@ import torch
 from gpu_common import Table
 
 from moco_scale.data import DeviceFeed, pretrain_dataset, pretrain_loader
+from moco_scale.data.feed import batch_tensors
 from moco_scale.data.photos import write_photo_folder
 
 
@@ -39,13 +40,6 @@ def cpu_seconds() -> float:
     return total
 
 
-def batch_bytes(batch) -> int:
-    """Bytes of one collated batch, as they cross shared memory from a worker."""
-    if isinstance(batch, tuple | list):
-        return sum(t.nbytes for t in batch)
-    return sum(t.nbytes for t in batch.images) + batch.index.nbytes + sum(t.nbytes for t in batch.params.values())
-
-
 class Tap:
     """The loader's batches as they pass, to measure their bytes."""
 
@@ -54,7 +48,7 @@ class Tap:
 
     def __iter__(self):
         for batch in self.loader:
-            self.bytes += batch_bytes(batch)
+            self.bytes += sum(t.nbytes for t in batch_tensors(batch))  # as they cross shared memory
             self.images += len(batch) if not isinstance(batch, tuple | list) else batch[0].shape[0]
             yield batch
 

@@ -68,16 +68,21 @@ class DeviceViews:
 @dataclass
 class DecodedBatch:
     """A collated `--augment device` batch: B uint8 images (3, H_i, W_i), each cut to the box holding both of its
-    crops (no padding: the resize runs per sample anyway), the views' parameters (B, 2, ...),
+    crops (no padding: the resize runs per sample anyway), the jitter `factors` (B, 2, 4) and blur `sigma` (B, 2),
     and what the host already knows, so that the device never reads a value back: `index` holds, for each
     view and op, the samples it touches, at the `spans` (start, stop) the host keeps; `boxes` are each view's crop
-    boxes (top, left, height, width)."""
+    boxes (top, left, height, width). The coin flips and the jitter order travel only as `index`."""
 
     images: list[torch.Tensor]
-    params: dict[str, torch.Tensor]
+    factors: torch.Tensor
+    sigma: torch.Tensor
     index: torch.Tensor
     spans: list[dict[str, Any]]
     boxes: list[list[tuple[int, int, int, int]]]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """What crosses to the device."""
+        return [*self.images, self.factors, self.sigma, self.index]
 
     def pin_memory(self) -> DecodedBatch:  # called by the DataLoader's pin-memory thread
         return self._map(lambda t: t.pin_memory())
@@ -86,7 +91,7 @@ class DecodedBatch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def _map(self, fn) -> DecodedBatch:
-        return DecodedBatch([fn(t) for t in self.images], {k: fn(v) for k, v in self.params.items()}, fn(self.index),
+        return DecodedBatch([fn(t) for t in self.images], fn(self.factors), fn(self.sigma), fn(self.index),
                             self.spans, self.boxes)
 
     def __len__(self) -> int:
@@ -112,9 +117,8 @@ class Collate:
             spans.append({"jitter": [[span(on & (p["order"][:, v, k] == op)) for op in range(4)] for k in range(4)],
                           "gray": span(p["gray"][:, v]), "blur": span(p["sigma"][:, v] > 0),
                           "solarize": span(p["solarize"][:, v]), "flip": span(p["flip"][:, v])})
-        box = p.pop("box")
-        boxes = [[tuple(b) for b in box[:, v].tolist()] for v in range(2)]
-        return DecodedBatch(images, p, torch.cat(groups), spans, boxes)
+        boxes = [[tuple(b) for b in p["box"][:, v].tolist()] for v in range(2)]
+        return DecodedBatch(images, p["factors"], p["sigma"], torch.cat(groups), spans, boxes)
 
 
 class AugmentOnDevice:
@@ -125,14 +129,14 @@ class AugmentOnDevice:
         self.kernel = 2 * math.ceil(3 * sigma[1]) + 1  # +-3 sigma at the largest sigma, as far as PIL's blur reaches
 
     def __call__(self, batch: DecodedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        p, out = batch.params, []
+        out = []
         for v, spans in enumerate(batch.spans):
             x = ops.resized_crop(batch.images, batch.boxes[v], self.size)
             for position in spans["jitter"]:
                 for op, span in enumerate(position):
-                    x = _apply(x, batch.index, span, ops.JITTER_OPS[op], p["factors"][:, v, op])
+                    x = _apply(x, batch.index, span, ops.JITTER_OPS[op], batch.factors[:, v, op])
             x = _apply(x, batch.index, spans["gray"], ops.to_grayscale)
-            x = _apply(x, batch.index, spans["blur"], ops.gaussian_blur, p["sigma"][:, v], self.kernel)
+            x = _apply(x, batch.index, spans["blur"], ops.gaussian_blur, batch.sigma[:, v], self.kernel)
             x = _apply(x, batch.index, spans["solarize"], ops.solarize)
             x = _apply(x, batch.index, spans["flip"], ops.hflip)
             out.append(normalize(x, scaled=True))

@@ -11,6 +11,11 @@ import torch
 Views = tuple[torch.Tensor, torch.Tensor]
 
 
+def batch_tensors(batch: Any) -> list[torch.Tensor]:
+    """The tensors of a loader batch: a tuple of views, or a DecodedBatch."""
+    return list(batch) if isinstance(batch, tuple | list) else batch.tensors()
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     """A tuple of tensors, or an object with `.to` (DecodedBatch), copied without blocking the host."""
     if isinstance(batch, tuple | list):
@@ -31,8 +36,10 @@ class DeviceFeed:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def _copy(self, batch: Any) -> Any:
-        if batch is None or self.stream is None:
-            return batch if batch is None else to_device(batch, self.device)
+        if batch is None:
+            return None
+        if self.stream is None:
+            return to_device(batch, self.device)
         with torch.cuda.stream(self.stream):
             return to_device(batch, self.device)
 
@@ -40,7 +47,7 @@ class DeviceFeed:
         if self.stream is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_stream(self.stream)
-            for t in _tensors(batch):
+            for t in batch_tensors(batch):
                 t.record_stream(current)
         return batch
 
@@ -51,8 +58,3 @@ class DeviceFeed:
             yield self.prepare(self._ready(ahead))
             ahead = self._copy(next(it, None))  # the step just queued runs meanwhile
 
-
-def _tensors(batch: Any) -> list[torch.Tensor]:
-    if isinstance(batch, tuple | list):
-        return list(batch)
-    return [*batch.images, batch.index, *batch.params.values()]

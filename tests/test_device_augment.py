@@ -87,6 +87,7 @@ def test_resized_crop_is_torchvisions_antialiased_resize(photos):
     ("contrast", ops.adjust_contrast, TF.adjust_contrast, 0.6, 1.4, 1e-6),
     ("saturation", ops.adjust_saturation, TF.adjust_saturation, 0.8, 1.2, 1e-6),
     ("hue", ops.adjust_hue, TF.adjust_hue, -0.1, 0.1, 1e-5),  # value - chroma * ... against a trip through HSV
+    ("hue, whole range", ops.adjust_hue, TF.adjust_hue, -0.5, 0.5, 1e-5),
     ("blur", lambda x, s: ops.gaussian_blur(x, s, 13), lambda x, s: TF.gaussian_blur(x, [13, 13], [s, s]), 0.1,
      2.0, 1e-5),
 ])
@@ -214,12 +215,13 @@ def test_parameter_statistics_over_10000_draws():
 
 @pytest.mark.parametrize("augment", ["cpu", "device"])
 def test_same_pixels_whatever_the_world_size_and_workers(photos, augment):
-    """A global batch of 8 at world 1, workers 0 == its two rank halves, workers 2, concatenated."""
+    """A global batch of 16 at world 1, workers 0 == its two rank halves, workers 2, concatenated (on the CPU
+    device the whole batch goes through in chunks, the halves in one pass each)."""
     root = photos[0]
     ds = pretrain_dataset(str(root), 64, 0.08, seed=3, augment=augment)
 
     def views(world: int, rank: int, workers: int):
-        loader = DataLoader(ds, batch_sampler=GlobalBatchSampler(len(ds), 8, world, rank, seed=3),
+        loader = DataLoader(ds, batch_sampler=GlobalBatchSampler(len(ds), 16, world, rank, seed=3),
                             num_workers=workers, collate_fn=ds.collate)
         return ds.on_device(next(iter(loader)))
 

@@ -87,13 +87,13 @@ def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
             torch.tensor(IMAGENET_STD, device=device).view(-1, 1, 1))
 
 
-def normalize(x: torch.Tensor, scaled: bool = False) -> torch.Tensor:
+def normalize(x: torch.Tensor, scaled: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 (or, with `scaled`, float in [0, 1]) images (..., 3, H, W) to ImageNet-normalised float32, on
-    their own device: the same arithmetic as ToTensor + Normalize, so the pixels match the reference's bit
-    for bit."""
+    their own device (into `out` if given): the same arithmetic as ToTensor + Normalize, so the pixels match
+    the reference's bit for bit."""
     mean, std = _mean_std(x.device)
     x = x.float() if scaled else x.float().div_(255)
-    return x.sub(mean).div_(std)
+    return torch.sub(x, mean, out=out).div_(std)
 
 
 def eval_transform(image_size: int, resize: int | None = None) -> T.Compose:

@@ -25,6 +25,7 @@ from gpu_common import Table
 from moco_scale.data import DeviceFeed, pretrain_dataset, pretrain_loader
 from moco_scale.data.feed import batch_tensors
 from moco_scale.data.photos import write_photo_folder
+from moco_scale.dist import keep_freed_memory
 
 
 def cpu_seconds() -> float:
@@ -100,12 +101,16 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    allocator = "glibc defaults"
+    if device.type == "cpu" and keep_freed_memory():
+        allocator = "keep_freed_memory"
     with tempfile.TemporaryDirectory() as tmp:
         root = write_photo_folder(Path(args.images or tmp), args.count)
         demand = step_demand(args.step_json)
         table = Table(f"bench_data: {args.count} JPEGs from scikit-image photos (~500x375, q90, some grayscale and "
                       f"CMYK), batch {args.batch}, two {args.size} px views, the device's part on {device} "
-                      f"({torch.get_num_threads()} threads); per core = images per CPU-second of the whole job",
+                      f"({torch.get_num_threads()} threads, allocator {allocator}); "
+                      "per core = images per CPU-second of the whole job",
                       ["augment", "workers", "images/s", "images/s per core", "x reference per core",
                        "KiB per image through shared memory", "ViT-B step consumes img/s", "loader / step"],
                       args.budget_s)

@@ -17,6 +17,7 @@ from reference import Oracle
 
 from moco_scale import build_moco, schedules
 from moco_scale.data import DeviceFeed, pretrain_dataset, pretrain_loader
+from moco_scale.data.augment import IMAGENET_STD
 from moco_scale.data.photos import write_photo_folder
 from moco_scale.engines import build_engine, load_engine_config, with_precision
 
@@ -65,8 +66,11 @@ def compare(name: str, batches, ctx, want_losses, want, init, exact, noise, para
 
 
 def compare_augment(augment: str, root: str, device: torch.device) -> list[str]:
-    """Two epochs of batches through DeviceFeed on `device` against the device's part run on the CPU; bound 1e-4
-    in normalised units (interpolation and blur round differently on CUDA, by about 1e-6)."""
+    """Two epochs of batches through DeviceFeed on `device` against the device's part run on the CPU, in pixel
+    units ([0, 1]). `cpu`: bound 1e-4 (the views are made in the workers; only the normalisation runs on the
+    device). `device`: bound 2/255, issue 14's: a CPU resizes with torch's uint8 kernel, CUDA with the float one
+    rounded, so a pixel may land one level apart, and interpolation and blur round differently by about 1e-6;
+    the share of pixels more than 1e-4 apart is reported."""
     ds = pretrain_dataset(root, 224, 0.08, seed=0, augment=augment)
     loader = pretrain_loader(ds, 8, 1, 0, 0, 2, pin_memory=device.type == "cuda")
     got = []
@@ -77,11 +81,13 @@ def compare_augment(augment: str, root: str, device: torch.device) -> list[str]:
     for epoch in range(2):
         loader.batch_sampler.set_epoch(epoch)
         want += [ds.on_device(batch) for batch in loader]
-    worst = max(float((g - w).abs().max())
-                for gs, ws in zip(got, want, strict=True) for g, w in zip(gs, ws, strict=True))
-    if worst >= 1e-4:
-        raise AssertionError(f"{augment}: max abs diff {worst:.1e} >= 1e-4")
-    return [len(got), f"{worst:.1e}", "ok"]
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    diffs = torch.cat([((g - w) * std).abs().flatten()
+                       for gs, ws in zip(got, want, strict=True) for g, w in zip(gs, ws, strict=True)])
+    worst, bound = float(diffs.max()), 1e-4 if augment == "cpu" else 2 / 255
+    if worst >= bound:
+        raise AssertionError(f"{augment}: max abs diff {worst:.1e} >= {bound:.1e}")
+    return [len(got), f"{worst:.1e}", f"{float((diffs > 1e-4).float().mean()):.1e}", "ok"]
 
 
 def main() -> int:
@@ -106,7 +112,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = str(write_photo_folder(tmp, 32))
         table = Table(f"gpu_equivalence: both --augment paths through DeviceFeed on {name} vs the CPU, 32 JPEGs, "
-                      "batch 8, 2 workers, 2 epochs", ["augment", "batches", "max abs diff (normalised)", "result"])
+                      "batch 8, 2 workers, 2 epochs", ["augment", "batches", "max abs diff (pixels, [0, 1])",
+                                                                     "share > 1e-4", "result"])
         for augment in ("cpu", "device"):
             table.row([augment], lambda a=augment: compare_augment(a, root, torch.device(device)))
     return 1 if failed or table.failed else 0

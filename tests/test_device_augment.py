@@ -67,19 +67,23 @@ def test_cpu_path_is_the_reference_pipeline_bit_for_bit_after_normalisation(phot
 
 
 def test_resized_crop_is_torchvisions_antialiased_resize(photos):
-    """Float input: 1e-5 of torchvision's float path; uint8: 1/255 of its uint8 path (which rounds)."""
+    """uint8 kernel (a CPU device's): torchvision's uint8 tensor path bit for bit; float kernel (other devices):
+    torchvision's float path rounded to uint8 values."""
     images = [TF.pil_to_tensor(im) for im in photos[1][:6]]
     h, w = min(i.shape[1] for i in images), min(i.shape[2] for i in images)
-    batch = torch.stack([i[:, :h, :w] for i in images])
+    batch = [i[:, :h, :w] for i in images[:3]] + [i.permute(1, 2, 0).contiguous().permute(2, 0, 1) for i in images[3:]]
     boxes = torch.tensor([[0, 0, h, w], [10, 20, 50, 60], [100, 50, 200, 100], [5, 5, h - 10, 150], [0, 0, 20, 20],
                           [30, 40, 224, 224]])
+    assert torch.equal(ops.resized_crop(batch, boxes.tolist(), 32), ops.resized_crop(batch, boxes.tolist(), 32, True))
     for size in (224, 32):
-        got = ops.resized_crop(batch, boxes.tolist(), size)
+        got8 = ops.resized_crop(batch, boxes.tolist(), size, uint8_kernel=True) * 255
+        got = ops.resized_crop(batch, boxes.tolist(), size, uint8_kernel=False) * 255
         for b, (t, left, bh, bw) in enumerate(boxes.tolist()):
-            want = TF.resized_crop(batch[b].float() / 255, t, left, bh, bw, [size, size], antialias=True)
-            assert (got[b] - want).abs().max() < 1e-5
             want8 = TF.resized_crop(batch[b], t, left, bh, bw, [size, size], antialias=True)
-            assert (got[b] * 255 - want8.float()).abs().max() <= 1 + 1e-3
+            assert (got8[b] - want8.float()).abs().max() < 1e-3
+            want = TF.resized_crop(batch[b].float(), t, left, bh, bw, [size, size], antialias=True)
+            assert (got[b] - want).abs().max() < 0.5 + 1e-3
+            assert (got[b] - got[b].round()).abs().max() < 1e-3  # uint8 values
 
 
 @pytest.mark.parametrize("name,op,reference,lo,hi,bound", [
@@ -111,7 +115,7 @@ def test_grayscale_solarize_flip_and_the_identity_blur_match_torchvision(photos)
 def _torchvision_view(image: Image.Image, p: dict[str, torch.Tensor], size: int, kernel: int) -> torch.Tensor:
     """One view made image by image with torchvision's tensor functional and the drawn parameters."""
     t, left, h, w = p["box"].tolist()
-    x = TF.resized_crop(TF.pil_to_tensor(image).float() / 255, t, left, h, w, [size, size], antialias=True)
+    x = TF.resized_crop(TF.pil_to_tensor(image), t, left, h, w, [size, size], antialias=True).float() / 255
     if p["jitter"]:
         fns = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
         for op in p["order"].tolist():
@@ -143,7 +147,7 @@ def test_whole_views_match_torchvision_within_2_of_255(photos):
         for got, p in zip((x1[i], x2[i]), params, strict=True):
             diff = (got - _torchvision_view(image, p, size, device.kernel)) * torch.tensor(IMAGENET_STD)[:, None, None]
             worst = max(worst, float(diff.abs().max()))
-    assert worst < 1e-4, worst  # measured 6.6e-6; the issue's bound is 2/255
+    assert worst < 1e-4, worst  # measured 9.7e-7 (CPU: the resize is torchvision's own uint8 kernel); issue: 2/255
 
 
 def test_parameter_draws_consume_the_generator_as_the_reference_pipeline(photos):

@@ -15,7 +15,7 @@ from moco_scale.config import ConfigError
 from moco_scale.dist import cuda_ordinal, init_distributed, loader_workers, shutdown
 from moco_scale.engines import build_engine, load_engine_config
 from moco_scale.engines.base import resolve_precision
-from moco_scale.engines.deepspeed import BatchedCopy
+from moco_scale.engines.deepspeed_momentum import BatchedCopy
 from moco_scale.loss import contrastive_loss
 from moco_scale.models import SyncBatchNorm
 from moco_scale.plan import gpu_precision
@@ -137,12 +137,12 @@ def test_precision_auto_is_one_rule_for_every_engine():
 
 
 def test_deepspeed_fp16_auto_gets_the_references_loss_scaler():
-    from moco_scale.engines.deepspeed import _resolve_precision
+    from moco_scale.engines.deepspeed_config import resolve_config_precision
 
     cfg = {"bf16": {"enabled": "auto"}}
-    assert _resolve_precision(cfg, torch.device("cpu")) == "fp32" and cfg["bf16"]["enabled"] is False
+    assert resolve_config_precision(cfg, torch.device("cpu")) == "fp32" and cfg["bf16"]["enabled"] is False
     with pytest.raises(ConfigError, match="fp16 .*needs a CUDA device"):
-        _resolve_precision({"fp16": {"enabled": True}}, torch.device("cpu"))
+        resolve_config_precision({"fp16": {"enabled": True}}, torch.device("cpu"))
 
 
 def test_batched_copy_scatters_every_tensor_with_its_cast():

@@ -11,7 +11,8 @@ from moco_scale.config import ConfigError, load_json, looks_like_deepspeed, vali
 from moco_scale.dist import DistContext
 from moco_scale.engines.base import Engine, resolve_precision
 from moco_scale.engines.ddp import DDPEngine
-from moco_scale.engines.deepspeed import DeepSpeedEngine, resolve_deepspeed_config
+from moco_scale.engines.deepspeed import DeepSpeedEngine
+from moco_scale.engines.deepspeed_config import resolve_deepspeed_config
 from moco_scale.engines.fsdp import FSDPEngine
 from moco_scale.models import MoCo
 

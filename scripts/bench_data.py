@@ -6,7 +6,9 @@ device's part) on ImageNet-like JPEGs made from scikit-image's photos (moco_scal
     python scripts/bench_data.py --device cuda --workers 2 4 8 14 --step-json runs/gpu_check/bench_gpu.json
 
 "per core" is images per CPU-second of the whole job (main process and workers, user + system), so a path that
-moves work from the workers to the device's CPU threads is charged for it. `--step-json` is bench_gpu.py's
+moves work from the workers to the device's CPU threads is charged for it. The row "device, host part" is
+`--augment device` without the device's part (the loader's batches as they reach the main process): the CPU a
+GPU node pays per image on that path, to set against the reference's. `--step-json` is bench_gpu.py's
 --json output: its fastest vit_base row's images/s is what the loader must keep up with.
 """
 
@@ -21,8 +23,9 @@ from pathlib import Path
 import psutil
 import torch
 from gpu_common import Table
+from torch.utils.data import DataLoader
 
-from moco_scale.data import DeviceFeed, pretrain_dataset, pretrain_loader
+from moco_scale.data import DeviceFeed, GlobalBatchSampler, pretrain_dataset
 from moco_scale.data.feed import batch_tensors
 from moco_scale.data.photos import write_photo_folder
 from moco_scale.dist import keep_freed_memory
@@ -55,21 +58,26 @@ class Tap:
 
 
 def measure(root: Path, augment: str, workers: int, size: int, batch: int, batches: int,
-            device: torch.device) -> dict[str, float]:
+            device: torch.device, host_only: bool = False) -> dict[str, float]:
+    """Images/s, images per CPU-second and bytes per image of the data path over `batches` batches, after one
+    batch per worker untimed (then each worker is one batch into its work at both ends of the timing, so the
+    prefetched batches do not flatter it); `host_only`: the loader's batches as they reach the main process
+    (pinned on CUDA), without the copy or the device's part."""
     dataset = pretrain_dataset(str(root), size, 0.08, seed=0, augment=augment)
-    loader = pretrain_loader(dataset, batch, 1, 0, 0, workers, pin_memory=device.type == "cuda")
+    warmup = max(workers, 1)
+    # keys past the folder's end wrap onto its images with fresh random views (KeyedTwoViews takes index % len)
+    sampler = GlobalBatchSampler((warmup + batches) * batch, batch)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+                        persistent_workers=workers > 0, collate_fn=dataset.collate)  # alive to read their CPU time
     tap = Tap(loader)
-    it = iter(DeviceFeed(tap, device, dataset.on_device))
-    next(it)  # workers started, first batch out
+    it = iter(tap if host_only else DeviceFeed(tap, device, dataset.on_device))
+    for _ in range(warmup):
+        next(it)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     start, cpu0, seen = time.perf_counter(), cpu_seconds(), 0
-    for _ in range(batches):
-        try:
-            x1, _ = next(it)
-        except StopIteration:
-            break
-        seen += x1.shape[0]
+    for out in it:
+        seen += len(out) if host_only else out[0].shape[0]
     sync()
     wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu0
     out = {"img_s": seen / wall, "img_cpu_s": seen / cpu, "bytes": tap.bytes / max(tap.images, 1)}
@@ -89,7 +97,7 @@ def main() -> int:
     p.add_argument("--augment", nargs="+", default=["cpu", "device"], choices=("cpu", "device"))
     p.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     p.add_argument("--images", default=None, help="folder for the generated JPEGs (kept; default: temporary)")
-    p.add_argument("--count", type=int, default=256, help="JPEGs to generate")
+    p.add_argument("--count", type=int, default=256, help="JPEGs to generate (batches past them wrap, new views)")
     p.add_argument("--size", type=int, default=224, help="crop size")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--batches", type=int, default=3, help="batches timed per row")
@@ -115,17 +123,18 @@ def main() -> int:
                        "KiB per image through shared memory", "ViT-B step consumes img/s", "loader / step"],
                       args.budget_s)
         reference: dict[int, float] = {}
+        rows = [(a, False) for a in args.augment] + [("device", True)] * ("device" in args.augment)
         for w in args.workers:
-            for augment in args.augment:
-                def run(w=w, augment=augment):
-                    r = measure(root, augment, w, args.size, args.batch, args.batches, device)
+            for augment, host_only in rows:
+                def run(w=w, augment=augment, host_only=host_only):
+                    r = measure(root, augment, w, args.size, args.batch, args.batches, device, host_only)
                     if augment == "cpu":
                         reference[w] = r["img_cpu_s"]
                     ratio = f"{r['img_cpu_s'] / reference[w]:.2f}" if w in reference else "n/a"
                     return [f"{r['img_s']:.0f}", f"{r['img_cpu_s']:.0f}", ratio, f"{r['bytes'] / 1024:.0f}",
                             "n/a" if demand is None else f"{demand:.0f}",
                             "n/a" if demand is None else f"{r['img_s'] / demand:.2f}"]
-                table.row([augment, w], run)
+                table.row(["device, host part" if host_only else augment, w], run)
         return 1 if table.failed else 0
 
 

@@ -234,3 +234,22 @@ def test_same_pixels_whatever_the_world_size_and_workers(photos, augment):
     for v in range(2):
         assert torch.equal(torch.cat([h[v] for h in halves]), whole[v])
     assert not torch.equal(whole[0], whole[1])
+
+
+def test_a_batch_crosses_as_one_buffer_that_holds_each_image_and_splits_into_its_samples(photos):
+    """Collate lays the worker's images end to end in one uint8 buffer: each image is a view of it equal to what
+    the worker cut, and a split's sub-batches hold the same images, their own slices of that buffer."""
+    worker, samples = DeviceViews(0.08, (0.1, 2.0)), []
+    for i, image in enumerate(photos[1][:11]):
+        with keyed_rng(0, 0, i):
+            samples.append(worker(image))
+    batch = Collate()(samples)
+    assert len(batch.tensors()) == 4  # pixels, factors, sigma, index: not one tensor per image
+    assert batch.pixels.numel() == sum(pixels.numel() for pixels, _ in samples)
+    for got, (pixels, _) in zip(batch.images, samples, strict=True):
+        assert torch.equal(got, pixels)
+        assert got.untyped_storage().data_ptr() == batch.pixels.untyped_storage().data_ptr()
+    parts = batch.split(4)
+    assert [len(part) for part in parts] == [4, 4, 3]
+    for got, (pixels, _) in zip([image for part in parts for image in part.images], samples, strict=True):
+        assert torch.equal(got, pixels)

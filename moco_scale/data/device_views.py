@@ -9,6 +9,7 @@ A worker ships the part of the image that holds both crop boxes, as uint8.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -67,22 +68,36 @@ class DeviceViews:
 
 @dataclass
 class DecodedBatch:
-    """A collated `--augment device` batch: B uint8 images (3, H_i, W_i), each cut to the box holding both of its
-    crops (no padding: the resize runs per sample anyway), the jitter `factors` (B, 2, 4) and blur `sigma` (B, 2),
-    and what the host already knows, so that the device never reads a value back: `index` holds, for each
-    view and op, the samples it touches, at the `spans` (start, stop) the host keeps; `boxes` are each view's crop
-    boxes (top, left, height, width). The coin flips and the jitter order travel only as `index`."""
+    """A collated `--augment device` batch: B uint8 images, each cut to the box holding both of its crops (no
+    padding: the resize runs per sample anyway), laid end to end in one buffer `pixels`, each (H_i, W_i, 3)
+    at the offsets its `shapes` give (one shared-memory segment, one pinned copy, one host-to-device copy per
+    batch, where a tensor per image cost a segment and a copy each); the jitter `factors` (B, 2, 4) and blur
+    `sigma` (B, 2), and what the host already knows, so that the device never reads a value back: `index`
+    holds, for each view and op, the samples it touches, at the `spans` (start, stop) the host keeps; `boxes`
+    are each view's crop boxes (top, left, height, width). The coin flips and the jitter order travel only as
+    `index`."""
 
-    images: list[torch.Tensor]
+    pixels: torch.Tensor
+    shapes: list[tuple[int, int]]
     factors: torch.Tensor
     sigma: torch.Tensor
     index: torch.Tensor
     spans: list[dict[str, Any]]
     boxes: list[list[tuple[int, int, int, int]]]
 
+    @property
+    def images(self) -> list[torch.Tensor]:
+        """The images as (3, H_i, W_i) views of `pixels` (channels last in memory, as the worker cut them)."""
+        ends = self._ends()
+        return [self.pixels[end - 3 * h * w:end].view(h, w, 3).permute(2, 0, 1)
+                for end, (h, w) in zip(ends, self.shapes, strict=True)]
+
+    def _ends(self) -> list[int]:
+        return list(itertools.accumulate(3 * h * w for h, w in self.shapes))
+
     def tensors(self) -> list[torch.Tensor]:
         """What crosses to the device."""
-        return [*self.images, self.factors, self.sigma, self.index]
+        return [self.pixels, self.factors, self.sigma, self.index]
 
     def pin_memory(self) -> DecodedBatch:  # called by the DataLoader's pin-memory thread
         return self._map(lambda t: t.pin_memory())
@@ -91,14 +106,15 @@ class DecodedBatch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def _map(self, fn) -> DecodedBatch:
-        return DecodedBatch([fn(t) for t in self.images], fn(self.factors), fn(self.sigma), fn(self.index),
+        return DecodedBatch(fn(self.pixels), self.shapes, fn(self.factors), fn(self.sigma), fn(self.index),
                             self.spans, self.boxes)
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.shapes)
 
     def split(self, size: int) -> list[DecodedBatch]:
         """Sub-batches of `size` samples with their own op groups. It reads `index`: for a batch on the host."""
+        ends = [0, *self._ends()]
         out = []
         for lo in range(0, len(self), size):
             hi = min(lo + size, len(self))
@@ -109,8 +125,8 @@ class DecodedBatch:
                 return groups.span(samples[(samples >= lo) & (samples < hi)] - lo)
 
             spans = [_map_spans(view, cut) for view in self.spans]
-            out.append(DecodedBatch(self.images[lo:hi], self.factors[lo:hi], self.sigma[lo:hi], groups.index(), spans,
-                                    [boxes[lo:hi] for boxes in self.boxes]))
+            out.append(DecodedBatch(self.pixels[ends[lo]:ends[hi]], self.shapes[lo:hi], self.factors[lo:hi],
+                                    self.sigma[lo:hi], groups.index(), spans, [boxes[lo:hi] for boxes in self.boxes]))
         return out
 
 
@@ -140,10 +156,12 @@ def _map_spans(node: Any, fn) -> Any:
 
 
 class Collate:
-    """Stacks the parameters and lays out the op groups; the images stay one tensor each."""
+    """Lays the images end to end in one buffer, stacks the parameters and lays out the op groups."""
 
     def __call__(self, samples: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> DecodedBatch:
-        images = [pixels for pixels, _ in samples]
+        images = [pixels.permute(1, 2, 0) for pixels, _ in samples]  # (H, W, 3): the worker's memory order
+        pixels = torch.cat([image.reshape(-1) for image in images])
+        shapes = [(image.shape[0], image.shape[1]) for image in images]
         p = {k: torch.stack([s[1][k] for s in samples]) for k in samples[0][1]}
         groups = _Groups()
 
@@ -157,7 +175,7 @@ class Collate:
                           "gray": span(p["gray"][:, v]), "blur": span(p["sigma"][:, v] > 0),
                           "solarize": span(p["solarize"][:, v]), "flip": span(p["flip"][:, v])})
         boxes = [[tuple(b) for b in p["box"][:, v].tolist()] for v in range(2)]
-        return DecodedBatch(images, p["factors"], p["sigma"], groups.index(), spans, boxes)
+        return DecodedBatch(pixels, shapes, p["factors"], p["sigma"], groups.index(), spans, boxes)
 
 
 CPU_CHUNK = 8  # samples per pass on a CPU device: a view's float chunk (4.8 MB at 224 px) stays in its cache
@@ -175,7 +193,7 @@ class AugmentOnDevice:
         self.kernel = 2 * math.ceil(3 * sigma[1]) + 1  # +-3 sigma at the largest sigma, as far as PIL's blur reaches
 
     def __call__(self, batch: DecodedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        device = batch.index.device
+        device = batch.pixels.device
         out = torch.empty(2, len(batch), 3, self.size, self.size, device=device)
         if device.type == "cpu" and len(batch) > CPU_CHUNK:
             for lo, chunk in zip(range(0, len(batch), CPU_CHUNK), batch.split(CPU_CHUNK), strict=True):
@@ -186,8 +204,9 @@ class AugmentOnDevice:
 
     def _views(self, batch: DecodedBatch, out: torch.Tensor) -> None:
         """Both views of `batch`, normalised into out (2, B, 3, size, size)."""
+        images = batch.images
         for v, spans in enumerate(batch.spans):
-            x = ops.resized_crop(batch.images, batch.boxes[v], self.size)
+            x = ops.resized_crop(images, batch.boxes[v], self.size)
             for position in spans["jitter"]:
                 for op, span in enumerate(position):
                     x = _apply(x, batch.index, span, ops.JITTER_OPS[op], batch.factors[:, v, op])

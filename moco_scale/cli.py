@@ -1,29 +1,42 @@
-"""The `moco-scale` command: one subcommand per driver."""
+"""The `moco-scale` command: one subcommand per module in moco_scale/commands/.
+
+    moco-scale pretrain ...                      (also: python -m moco_scale pretrain ...)
+    torchrun --nproc_per_node 8 -m moco_scale pretrain ...
+    deepspeed --num_gpus 8 --module moco_scale pretrain ...
+"""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import sys
 
 COMMANDS = {
-    "pretrain": ("moco_scale.pretrain", "MoCo v3 pretraining"),
-    "lincls": ("moco_scale.lincls", "linear evaluation on frozen features (MoCo v3's protocol)"),
-    "probe": ("moco_scale.probe", "kNN and linear probe of frozen features (pretrained vs random init)"),
-    "hostfile": ("moco_scale.hostfile", "check a DeepSpeed hostfile (hosts, slots, master) before launching"),
-    "report": ("moco_scale.report", "PNG plots and a Markdown summary of a pretraining run"),
-    "plan": ("moco_scale.plan", "per-GPU memory and communication of a setup, before paying for it"),
-    "convert": ("moco_scale.convert", "a checkpoint to the reference layout, DeiT, timm or torchvision"),
+    "pretrain": "MoCo v3 pretraining",
+    "finetune": "end-to-end fine-tuning and transfer learning (DeiT, MAE and the seed's transfer recipes)",
+    "lincls": "linear evaluation on frozen features (MoCo v3's protocol)",
+    "knn": "distributed weighted kNN accuracy of frozen features",
+    "probe": "kNN and linear probe of frozen features (pretrained vs random init)",
+    "hostfile": "check a DeepSpeed hostfile (hosts, slots, master) before launching",
+    "report": "PNG plots and a Markdown summary of a run",
+    "plan": "per-GPU memory and communication of a setup, before paying for it",
+    "convert": "a checkpoint to the reference layout, DeiT, timm or torchvision",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = "\n".join(f"  {name:10s} {doc}" for name, (_, doc) in COMMANDS.items())
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # the deepspeed launcher puts --local_rank=N in front of the arguments: it belongs to the command
+    launcher = [a for a in argv[:1] if a.startswith(("--local_rank=", "--local-rank="))]
+    argv = argv[len(launcher):]
+    if launcher and argv:
+        argv = [argv[0], *launcher, *argv[1:]]
+    known = [c for c in COMMANDS if importlib.util.find_spec(f"moco_scale.commands.{c}") is not None]
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in known:
+        lines = "\n".join(f"  {name:10s} {COMMANDS[name]}" for name in known)
         print(f"usage: moco-scale COMMAND [ARGS]\n\ncommands:\n{lines}", file=sys.stderr if argv else sys.stdout)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    import importlib
-
-    return importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
+    return importlib.import_module(f"moco_scale.commands.{argv[0]}").main(argv[1:])
 
 
 if __name__ == "__main__":

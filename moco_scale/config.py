@@ -1,9 +1,14 @@
-"""Engine JSON loading and validation; every error names the file and the key at fault."""
+"""Typed configuration: dataclasses read from JSON or flags, checked in one place; every error names the file
+(or flag) and the key at fault."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import Any
+import typing
+from typing import Any, Literal, TypeVar
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -24,24 +29,32 @@ def load_json(path: str) -> dict[str, Any]:
     return cfg
 
 
-def validate(cfg: dict[str, Any], defaults: dict[str, Any], choices: dict[str, tuple], source: str) -> dict:
-    """Defaults filled in; unknown keys, wrong types and values outside `choices` refused."""
-    unknown = sorted(set(cfg) - set(defaults))
+def _check(key: str, value: Any, kind: Any, source: str) -> Any:
+    """`value` as the field type `kind` asks (an int is a float where a float is asked), or a ConfigError."""
+    if typing.get_origin(kind) is Literal:
+        choices = typing.get_args(kind)
+        if value not in choices:
+            raise ConfigError(f"{source}: key {key!r} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    expected = typing.get_origin(kind) or kind
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, expected) or (expected in (int, float) and isinstance(value, bool)):
+        raise ConfigError(f"{source}: key {key!r} must be {expected.__name__}, got {value!r}")
+    return value
+
+
+def from_mapping(cls: type[T], data: dict[str, Any], source: str) -> T:
+    """A dataclass from a JSON object: unknown keys refused (listing the known ones), each value checked
+    against its field's type, defaults filled in."""
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(defaults))}")
-    out = {**defaults, **cfg}
-    for key, value in cfg.items():
-        expected = type(defaults[key])
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = out[key] = float(value)
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise ConfigError(f"{source}: key {key!r} must be {expected.__name__}, got {value!r}")
-        if key in choices and value not in choices[key]:
-            raise ConfigError(f"{source}: key {key!r} must be one of {', '.join(map(str, choices[key]))}, "
-                              f"got {value!r}")
-    return out
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return cls(**{k: _check(k, v, hints[k], source) for k, v in data.items()})
 
 
-def looks_like_deepspeed(cfg: dict[str, Any]) -> bool:
-    return "engine" not in cfg and any(k in cfg for k in ("zero_optimization", "train_batch_size",
-                                                           "train_micro_batch_size_per_gpu", "bf16", "fp16"))
+def to_dict(obj: Any) -> Any:
+    """A (nested) dataclass as plain JSON values."""
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj

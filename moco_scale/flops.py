@@ -47,7 +47,8 @@ def step_flops_per_image(model_kwargs: dict[str, Any]) -> dict[str, float]:
     projector forward of the momentum encoder). The InfoNCE logits (batch x batch) are left out.
     """
     with torch.device("meta"):
-        model: MoCo = build_moco(**model_kwargs).eval()  # eval: BN needs no sync and no batch > 1 on meta
+        # eval: BN needs no sync and no batch > 1 on meta
+        model: MoCo = build_moco(**model_kwargs, seed=0, device="meta").eval()
         x = torch.empty(2, 3, model_kwargs.get("img_size", 224), model_kwargs.get("img_size", 224))
         with torch.no_grad():
             backbone = _forward_flops(backbone_features, model.base_encoder, x) / 2

@@ -3,12 +3,17 @@ syncs (no `.item()` in a step), so the host runs ahead of the device."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
+
+if TYPE_CHECKING:
+    from moco_scale.models.parts import TrainModule
 
 
 def local_shard(t: torch.Tensor) -> torch.Tensor:
@@ -76,16 +81,43 @@ class LARS(torch.optim.Optimizer):
 OPTIMIZERS = ("adamw", "lars")
 
 
-def build_optimizer(name: str, params: Iterable[nn.Parameter], weight_decay: float) -> torch.optim.Optimizer:
-    """The lr is set every iteration by the schedule, so it starts at 0 here.
+def build_optimizer(name: str, params: Iterable[nn.Parameter] | list[dict[str, Any]],
+                    weight_decay: float, momentum: float = 0.9) -> torch.optim.Optimizer:
+    """The lr is set every iteration by the schedule, so it starts at 0 here. `params` may be parameter groups
+    (dicts that carry their own "weight_decay" and an "lr_scale" the engines apply when they set the lr).
 
     AdamW is torch's fused implementation, on CUDA and on the CPU alike: foreach and the per-parameter loop
     read each parameter's step counter with `.item()` unless capturable, which the CPU is not; fused keeps the
-    counters with the kernel (and takes GradScaler's inverse scale and inf flag on the device)."""
-    params = [p for p in params if p.requires_grad]
+    counters with the kernel (and takes GradScaler's inverse scale and inf flag on the device). SGD (linear
+    evaluation) takes `momentum` (0.9, as the reference's linear evaluation)."""
+    params = list(params)
+    if params and not isinstance(params[0], dict):
+        params = [p for p in params if p.requires_grad]
     if name == "adamw":
         return torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay,
                                  fused=True)
     if name == "lars":
         return LARS(params, lr=0.0, weight_decay=weight_decay, momentum=0.9, trust_coefficient=0.001)
-    raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.0, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; known: {', '.join((*OPTIMIZERS, 'sgd'))}")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """The optimizer a command asks of an engine, which builds it over the model it holds (after sharding, so
+    the state follows the engine's layout). `groups` gives parameter groups from the model (fine-tuning: weight
+    decay off for 1-D tensors and tokens, a layer-decay `lr_scale` per group); None is one group of every
+    trainable parameter, as the reference has. Empty groups are dropped (DeepSpeed >= 0.18 drops them itself,
+    and the lr scales would no longer line up)."""
+
+    name: str = "adamw"
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # SGD's
+    groups: Callable[[TrainModule], list[dict[str, Any]]] | None = None
+
+    def build(self, model: TrainModule) -> torch.optim.Optimizer:
+        if self.groups is None:
+            return build_optimizer(self.name, model.trainable_parameters(), self.weight_decay, self.momentum)
+        groups = [g for g in self.groups(model) if g["params"]]
+        return build_optimizer(self.name, groups, self.weight_decay, self.momentum)

@@ -3,11 +3,14 @@ nohup, a file), metrics.jsonl and TensorBoard."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
 import sys
 import time
+import traceback
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -42,11 +45,11 @@ class RunLogger:
     """
 
     def __init__(self, out_dir: str, enabled: bool, total_steps: int, initial_step: int = 0,
-                 terminal: bool | None = None) -> None:
+                 terminal: bool | None = None, desc: str = "pretrain") -> None:
         self.enabled, self.total = enabled, total_steps
         self.plain = not (sys.stderr.isatty() if terminal is None else terminal)
         self.bar = tqdm(total=total_steps, initial=initial_step, disable=not enabled or self.plain,
-                        dynamic_ncols=True, desc="pretrain", unit="step", mininterval=1.0)
+                        dynamic_ncols=True, desc=desc, unit="step", mininterval=1.0)
         self.jsonl = self.tb = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
@@ -59,19 +62,36 @@ class RunLogger:
     def advance(self) -> None:
         self.bar.update(1)
 
-    def log(self, metrics: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
+    def _write(self, metrics: dict[str, Any], group: str) -> None:
         self.jsonl.write(json.dumps({**metrics, "time": time.time()}) + "\n")
         self.jsonl.flush()
         for key, value in metrics.items():
             if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
-                self.tb.add_scalar(f"train/{key}", value, metrics["step"])
-        postfix = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}", "m": f"{metrics['moco_m']:.4f}",
-                   "img/s": f"{metrics['img_per_s']:.1f}", "/rank": f"{metrics['img_per_s_per_rank']:.1f}",
-                   "data": f"{100 * metrics['data_wait_frac']:.0f}%", "mem": f"{metrics['peak_mem_gib']:.1f}G"}
-        if metrics.get("mfu") is not None:
-            postfix["mfu"] = f"{100 * metrics['mfu']:.1f}%"
+                self.tb.add_scalar(f"{group}/{key}", value, metrics["step"])
+
+    def log_eval(self, metrics: dict[str, Any]) -> None:
+        """An evaluation's results at a step (TensorBoard's eval/ group), and one line."""
+        if not self.enabled:
+            return
+        self._write(metrics, "eval")
+        shown = " ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+                         if k not in ("step", "epoch"))
+        self.message(f"eval at step {metrics['step']}: {shown}")
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._write(metrics, "train")
+        shown = {"loss": ("loss", ".4f", 1), "lr": ("lr", ".2e", 1), "moco_m": ("m", ".4f", 1),
+                 "img_per_s": ("img/s", ".1f", 1), "img_per_s_per_rank": ("/rank", ".1f", 1),
+                 "data_wait_frac": ("data", ".0f", 100), "peak_mem_gib": ("mem", ".1f", 1), "mfu": ("mfu", ".1f", 100)}
+        postfix = {label: f"{scale * metrics[key]:{fmt}}" for key, (label, fmt, scale) in shown.items()
+                   if metrics.get(key) is not None}
+        for label in ("data", "mfu"):
+            if label in postfix:
+                postfix[label] += "%"
+        if "mem" in postfix:
+            postfix["mem"] += "G"
         if self.plain:
             eta = time.strftime("%H:%M:%S", time.gmtime(metrics["eta_s"]))
             fields = " ".join(f"{k} {v}" for k, v in postfix.items() if k != "/rank")
@@ -132,3 +152,45 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+def free_device_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+class CheckTable:
+    """A Markdown table printed row by row, every row its own try (an error goes into its row, never ends the
+    table), within a time budget: stdout, flushed, so that scripts/gpu_check.sh keeps the lines starting with '#'
+    or '|' of a stage stopped by its time limit; `row` runs one measurement or check."""
+
+    def __init__(self, title: str, columns: Sequence[str], budget_s: float = float("inf")) -> None:
+        self.columns, self.deadline = list(columns), time.monotonic() + budget_s
+        self._emit(f"# {title}")
+        self._emit("| " + " | ".join(columns) + " |")
+        self._emit("|" + "---|" * len(columns))
+        self.failed = 0
+
+    @staticmethod
+    def _emit(line: str) -> None:
+        print(line, flush=True)
+
+    def row(self, key: Sequence[object], measure: Callable[[], Sequence[object]]) -> None:
+        """`key` fills the first columns, `measure()` the rest; an exception or the budget is written in the row."""
+        blank = [""] * (len(self.columns) - len(key) - 1)
+        if time.monotonic() > self.deadline:
+            self._emit("| " + " | ".join(map(str, [*key, "skipped: time budget", *blank])) + " |")
+            return
+        free_device_memory()  # each row's peak memory is its own
+        try:
+            values = list(measure())
+        except torch.OutOfMemoryError:
+            values = ["OOM", *blank]
+        except Exception as e:  # noqa: BLE001 - a failed row is reported and the next one runs
+            self.failed += 1
+            traceback.print_exc(file=sys.stderr)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            values = [f"error: {type(e).__name__}: {first[:100]}".replace("|", "/"), *blank]
+        self._emit("| " + " | ".join(map(str, [*key, *values])) + " |")

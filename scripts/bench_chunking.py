@@ -18,13 +18,12 @@ import json
 import os
 import resource
 import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from bench_common import engine_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,39 +34,25 @@ def _rss_mib() -> float:
 
 
 def worker(args: argparse.Namespace, batch: int, chunk: int, out: str) -> None:
-    sys.path.insert(0, str(REPO))
-    from moco_scale import build_moco
     from moco_scale.dist import init_distributed
-    from moco_scale.engines import build_engine, load_engine_config, needs_process_group
+    from moco_scale.engines import load_engine_config
+    from moco_scale.train.steps import run_steps
 
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         os.environ.pop(key, None)
-    cfg = load_engine_config(args.engine_config, batch, 1)
-    cfg.update(backbone_chunk=chunk, activation_checkpointing=args.activation_checkpointing)
-    if "deepspeed" in cfg:
-        cfg["deepspeed"]["bf16"] = {"enabled": args.precision == "bf16"}
-    else:
-        cfg["precision"] = args.precision
-    ctx = init_distributed(args.device, require_group=needs_process_group(cfg))
+    cfg = load_engine_config(args.engine_config, batch, 1).replace(
+        backbone_chunk=chunk, activation_checkpointing=args.activation_checkpointing).with_precision(args.precision)
+    ctx = init_distributed(args.device, require_group=cfg.needs_process_group)
     device = ctx.device
-    torch.manual_seed(0)
-    model = build_moco(args.arch, img_size=args.image_size, moco_t=0.2)
-    engine = build_engine(model, "adamw", 0.1, cfg, ctx)
+    engine = engine_for({"arch": args.arch, "img_size": args.image_size, "moco_t": 0.2}, cfg, ctx)
     x1 = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
     x2 = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
-    engine.train_step(x1, x2, 1e-4, 0.99)  # optimizer state exists from here on
+    run_steps(engine, [(x1, x2)])  # optimizer state exists from here on
     before = _rss_mib()
     if device.type == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
     try:
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            engine.train_step(x1, x2, 1e-4, 0.99)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
+        times = [s.seconds for s in run_steps(engine, [(x1, x2)] * args.steps)]
     except torch.OutOfMemoryError:
         Path(out).write_text(json.dumps({"oom": True}))
         return
@@ -93,8 +78,7 @@ def main() -> None:
     print(f"# bench_chunking: {args.arch} {args.image_size}px {args.precision} on {args.device}, "
           f"{Path(args.engine_config).name} world 1, "
           f"median of {args.steps} steps; an image is two crops, so a chunk of K crops covers K/2 images")
-    sys.path.insert(0, str(REPO))
-    from moco_scale.plan import activation_bytes, activation_profile
+    from moco_scale.commands.plan import activation_bytes, activation_profile
 
     profile = activation_profile({"arch": args.arch, "img_size": args.image_size, "moco_t": 0.2})
     print("| images/rank | chunk K | step s | ms/image | step memory GiB | planned activations GiB |")

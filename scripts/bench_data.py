@@ -22,13 +22,13 @@ from pathlib import Path
 
 import psutil
 import torch
-from gpu_common import Table
 from torch.utils.data import DataLoader
 
 from moco_scale.data import DeviceFeed, GlobalBatchSampler, pretrain_dataset
 from moco_scale.data.feed import batch_tensors
 from moco_scale.data.photos import write_photo_folder
 from moco_scale.dist import keep_freed_memory
+from moco_scale.telemetry import CheckTable as Table
 
 
 def cpu_seconds() -> float:

@@ -15,15 +15,14 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from bench_common import engine_for, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ["ddp", "fsdp", "fsdp_grad_op", "zero0", "zero1", "zero2", "zero3", "zero3_offload"]
@@ -78,60 +77,42 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR=os.environ.get(
                           "DS_ACCELERATOR", "cpu" if args.device == "cpu" else "cuda"))
-    sys.path.insert(0, str(REPO))
-    from moco_scale import build_moco
     from moco_scale.dist import init_distributed, shutdown
-    from moco_scale.engines import build_engine, load_engine_config, with_precision
+    from moco_scale.engines import load_engine_config
+    from moco_scale.train.steps import run_steps
 
     ctx = init_distributed(args.device, 600, require_group=True)
     cfg = load_engine_config(str(REPO / "ds_configs" / f"{args.config}.json"), args.batch, world)
     if args.precision:
-        cfg = with_precision(cfg, args.precision)
+        cfg = cfg.with_precision(args.precision)
     if args.activation_checkpointing is not None:
-        cfg["activation_checkpointing"] = args.activation_checkpointing
-    torch.manual_seed(0)
-    model = build_moco(args.arch, img_size=args.image_size, patch_size=args.patch_size, embed_dim=args.embed_dim,
-                       depth=args.depth, num_heads=args.num_heads, moco_dim=256, moco_mlp_dim=args.mlp_dim,
-                       moco_t=0.2)
-    engine = build_engine(model, "adamw", 0.1, cfg, ctx)
+        cfg = cfg.replace(activation_checkpointing=args.activation_checkpointing)
+    kwargs = dict(arch=args.arch, img_size=args.image_size, patch_size=args.patch_size, embed_dim=args.embed_dim,
+                  depth=args.depth, num_heads=args.num_heads, moco_dim=256, moco_mlp_dim=args.mlp_dim, moco_t=0.2)
+    engine = engine_for(kwargs, cfg, ctx)
     b = args.batch // world
-    x1 = torch.randn(b, 3, args.image_size, args.image_size)
-    x2 = torch.randn(b, 3, args.image_size, args.image_size)
-    if ctx.device.type == "cuda":
-        x1, x2 = x1.to(ctx.device), x2.to(ctx.device)
-    times, counted = [], None
-    for i in range(args.warmup + args.steps):
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        engine.update_momentum(0.99)
-        loss = engine.forward(x1, x2)
-        engine.backward(loss)
-        if i == 1:  # after one optimizer step, so the optimizer state exists
-            counted = count_bytes(engine)
-        engine.step(1e-4)
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+    x1 = torch.randn(b, 3, args.image_size, args.image_size, device=ctx.device)
+    x2 = torch.randn(b, 3, args.image_size, args.image_size, device=ctx.device)
+    counted = {}
+
+    def count(t: int) -> None:  # after one optimizer step, so the optimizer state exists
+        if t == 1:
+            counted.update(count_bytes(engine))
+
+    steps = run_steps(engine, [(x1, x2)] * (args.warmup + args.steps), after_backward=count)[args.warmup:]
+    step_s = statistics.median(s.seconds for s in steps)
     if ctx.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    row = {"config": args.config, "precision": engine.precision, "step_s": statistics.median(times),
-           "img_s": args.batch / statistics.median(times), "peak_mib": peak, **counted}
+    row = {"config": args.config, "precision": engine.precision, "step_s": step_s, "img_s": args.batch / step_s,
+           "peak_mib": peak, **counted}
     rows = [None] * world
     torch.distributed.all_gather_object(rows, row)
     if ctx.is_main:
         Path(out).write_text(json.dumps(rows))
     engine.close()
     shutdown()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_config(args: argparse.Namespace) -> dict:

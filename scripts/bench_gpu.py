@@ -27,15 +27,16 @@ import functools
 import itertools
 import json
 import statistics
-import time
 
 import torch
-from gpu_common import REPO, TINY, Table, init_single, measured_matmul_tflops, peak_gib, sync
+from bench_common import REPO, TINY, engine_for, init_single, measured_matmul_tflops, peak_gib
 
 from moco_scale import build_moco
-from moco_scale.engines import build_engine, load_engine_config, with_precision
+from moco_scale.commands.plan import Setup, activation_profile, estimate, model_shapes
+from moco_scale.engines import load_engine_config
 from moco_scale.flops import peak_tflops, step_flops_per_image
-from moco_scale.plan import Setup, activation_profile, estimate, model_shapes
+from moco_scale.telemetry import CheckTable
+from moco_scale.train.steps import run_steps
 
 _profiles: dict[str, object] = {}
 
@@ -61,8 +62,8 @@ VARIANTS = ("shipped", "unfused", "no_prefetch", "compiled")
 
 def applies(variant: str, engine_name: str, optimizer: str) -> bool:
     cfg = load_engine_config(str(REPO / "ds_configs" / f"{engine_name}.json"), 8, 1)
-    return {"shipped": True, "unfused": optimizer == "adamw", "no_prefetch": cfg["engine"] == "fsdp",
-            "compiled": cfg["engine"] in ("ddp", "fsdp")}[variant]
+    return {"shipped": True, "unfused": optimizer == "adamw", "no_prefetch": cfg.engine == "fsdp",
+            "compiled": cfg.engine in ("ddp", "fsdp")}[variant]
 
 
 def apply_variant(engine, variant: str) -> None:
@@ -80,31 +81,22 @@ def apply_variant(engine, variant: str) -> None:
 def measure(engine_name: str, kwargs: dict, batch: int, ac: int, channels_last: bool, optimizer: str, ctx,
             steps: int, variant: str = "shipped") -> dict:
     cfg_path = str(REPO / "ds_configs" / f"{engine_name}.json")
-    cfg = load_engine_config(cfg_path, batch, 1)
-    cfg["activation_checkpointing"] = ac
+    cfg = load_engine_config(cfg_path, batch, 1).replace(activation_checkpointing=ac)
     if variant == "compiled":
-        cfg["compile"] = True
-    cfg = with_precision(cfg, "bf16")
-    torch.manual_seed(0)
-    model = build_moco(**kwargs)
-    planned = planned_gib(kwargs, model, cfg_path, batch, ac, optimizer)
+        cfg = cfg.replace(compile=True)
+    cfg = cfg.with_precision("bf16")
+    planned = planned_gib(kwargs, build_moco(**kwargs, seed=0, device="meta"), cfg_path, batch, ac, optimizer)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
     size = kwargs["img_size"]
     x1 = torch.randn(batch, 3, size, size, device=ctx.device).contiguous(memory_format=fmt)
     x2 = torch.randn(batch, 3, size, size, device=ctx.device).contiguous(memory_format=fmt)
-    engine = build_engine(model, optimizer, 0.1 if optimizer == "adamw" else 1e-6, cfg, ctx)
+    engine = engine_for(kwargs, cfg, ctx, optimizer, 0.1 if optimizer == "adamw" else 1e-6,
+                        memory_format=fmt if channels_last else None)
     apply_variant(engine, variant)
-    times = []
     try:
-        for i in range(2 + steps):
-            sync(ctx.device)
-            start = time.perf_counter()
-            engine.train_step(x1, x2, 1e-4, 0.99)
-            sync(ctx.device)
-            if i >= 2:
-                times.append(time.perf_counter() - start)
-        return {"step_s": statistics.median(times), "peak_gib": peak_gib(ctx.device), "planned_gib": planned}
+        steps = run_steps(engine, [(x1, x2)] * (2 + steps))[2:]
+        return {"step_s": statistics.median(s.seconds for s in steps), "peak_gib": peak_gib(ctx.device),
+                "planned_gib": planned}
     finally:
         engine.close()
 
@@ -131,7 +123,7 @@ def main() -> int:
     sheet = peak_tflops(ctx.device, "bf16")
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     shapes = "tiny shapes" if args.tiny else f"{args.image_size} px"
-    table = Table(f"bench_gpu: {name}, bf16, {shapes}, median of {args.steps} steps; "
+    table = CheckTable(f"bench_gpu: {name}, bf16, {shapes}, median of {args.steps} steps; "
                   f"peak bf16: measured matmul {matmul:.3g} TFLOP/s, datasheet "
                   f"{'n/a' if sheet is None else f'{sheet:.0f}'} TFLOP/s",
                   ["arch", "engine", "variant", "batch/GPU", "act. ckpt", "channels_last", "step s", "img/s", "TFLOP/s",

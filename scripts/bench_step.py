@@ -4,8 +4,8 @@
     .venv/bin/python scripts/bench_step.py [--steps 8] [--models tiny,vit_small] [--worlds 1,2] [--compile]
     .venv/bin/python scripts/bench_step.py --no-parity --worlds 0 --compile    # compile against eager only
 
-- `x plain`: at world 1, moco-scale's DDP engine step against the oracle's plain single-process step
-  (tests/reference.py: the reference's call order, torch's default AdamW, no engine) for the same model,
+- `x plain`: at world 1, moco-scale's DDP engine step against a plain single-process step (bench_common's
+  PlainStep: the reference's call order, torch's default AdamW, no engine) for the same model,
   batch and threads. Both live in one process and their steps alternate, so a machine whose speed drifts
   (a shared 2-core VM) slows both alike; the ratio is the median of the step-by-step ratios. Measured twice:
   with glibc's allocator defaults, and with moco-scale's setting (`dist.keep_freed_memory`, which any CPU
@@ -23,16 +23,15 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 
 import torch
 import torch.multiprocessing as mp
+from bench_common import PlainStep, engine_for, free_port
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from helpers import free_port  # noqa: E402
+from moco_scale.train.steps import run_steps
 
 MODELS = {
     # name: (build_moco kwargs, global batch)
@@ -44,26 +43,14 @@ Step = Callable[[torch.Tensor, torch.Tensor], object]
 
 
 def plain_step(kwargs: dict, batch: int) -> Step:
-    from reference import Oracle
-
-    from moco_scale import build_moco
-
-    torch.manual_seed(0)
-    model = build_moco(**kwargs)
-    oracle = Oracle(model.base_encoder, model.momentum_encoder, model.predictor, T=model.temperature,
-                    optimizer="adamw", base_lr=1.5e-4, wd=0.1, batch=batch, epochs=100, warmup=10, m0=0.99,
-                    m_cos=True, iters_per_epoch=1000)
-    return oracle.step
+    return PlainStep(kwargs)
 
 
 def engine_step(kwargs: dict, ctx, compiled: bool = False) -> Step:
-    from moco_scale import build_moco
-    from moco_scale.engines import build_engine, load_engine_config
+    from moco_scale.engines import DDPConfig
 
-    torch.manual_seed(0)
-    cfg = {**load_engine_config(None), "compile": compiled}
-    engine = build_engine(build_moco(**kwargs), "adamw", 0.1, cfg, ctx)
-    return lambda x1, x2: engine.train_step(x1, x2, 1e-4, 0.99)
+    engine = engine_for(kwargs, DDPConfig(compile=compiled), ctx)
+    return lambda x1, x2: run_steps(engine, [(x1, x2)])
 
 
 def timed(step: Step, x1: torch.Tensor, x2: torch.Tensor) -> float:

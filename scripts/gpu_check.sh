@@ -24,7 +24,9 @@ DRY=0
 OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS="ignore::FutureWarning,ignore::UserWarning"
+# the repository is importable without an install (a GPU node has none): scripts and tests/gpu_equivalence.py
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 \
+  PYTHONWARNINGS="ignore::FutureWarning,ignore::UserWarning"
 if [ $DRY = 1 ]; then
   PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
   DEVICE=cpu
@@ -68,7 +70,7 @@ stage() {
   [ "$rc" -eq 0 ] || status=1
 }
 if [ $DRY = 1 ]; then
-  stage equivalence 90 scripts/gpu_equivalence.py --device cpu
+  stage equivalence 90 tests/gpu_equivalence.py --device cpu
   stage bench_vit 90 scripts/bench_gpu.py --device cpu --tiny --archs vit_base --batches 8 --steps 1 \
     --budget-s 50 --json "$OUT/bench_gpu.json"
   stage bench_resnet 40 scripts/bench_gpu.py --device cpu --tiny --archs resnet50 --engines ddp_bf16 \
@@ -80,7 +82,7 @@ if [ $DRY = 1 ]; then
   stage data 60 scripts/bench_data.py --workers 0 2 --count 64 --size 96 --batch 16 --batches 2 \
     --step-json "$OUT/bench_gpu.json"
 else
-  stage equivalence 50 scripts/gpu_equivalence.py --device cuda
+  stage equivalence 50 tests/gpu_equivalence.py --device cuda
   stage bench_vit 130 scripts/bench_gpu.py --archs vit_base vit_small --engines ddp_bf16 fsdp zero2 zero3 \
     --batches 256 128 --ac 0 1 --steps 4 --budget-s 115 --json "$OUT/bench_gpu.json"
   stage bench_resnet 40 scripts/bench_gpu.py --archs resnet50 --engines ddp_bf16 --optimizer lars \

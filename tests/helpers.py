@@ -27,6 +27,31 @@ COMMON_TINY_RUN = [*TINY_VIT_FLAGS, "-b", "16", "--max-steps", "1", "-j", "0", "
                    "--optimizer", "adamw"]
 
 
+def build_engine(model, optimizer: str, weight_decay: float, cfg, ctx):
+    """An engine for `model` (the tests' shorthand for `cfg.build(model, OptimizerSpec(...), ctx)`)."""
+    from moco_scale.optim import OptimizerSpec
+
+    return cfg.build(model, OptimizerSpec(optimizer, weight_decay), ctx)
+
+
+def peak_cpu_bytes(fn, until: str | None = None):
+    """fn() and the peak of the CPU bytes it allocated and still held at any point (before the first event named
+    `until`, a torch.profiler.record_function marker, where given). torch's profiler puts an allocation on the
+    op that made it and a free either there or on a "[memory]" event: every event's self memory, in time order,
+    summed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        if event.name == until:
+            break
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return result, peak
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -119,7 +144,7 @@ def run_cli(args: list[str], launcher: list[str] | None = None, timeout: float =
 
 def torchrun(nproc: int) -> list[str]:
     return [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-            "-m", "moco_scale.pretrain"]
+            "-m", "moco_scale", "pretrain"]
 
 
 def builtin_batches(batch: int, steps: int, dtype: torch.dtype = torch.float32,
@@ -167,7 +192,7 @@ def engine_config(name: str) -> str:
 
 def deepspeed_launcher(nproc: int) -> list[str]:
     return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
-            "--module", "moco_scale.pretrain"]
+            "--module", "moco_scale", "pretrain"]
 
 
 class OpCounter(TorchDispatchMode):

@@ -1,6 +1,6 @@
 """The oracle: MoCo v3 in one plain process, written from ../shared/MOCO_V3_SPEC.md.
 
-Device-agnostic: it runs wherever the modules it is given live (CPU here, CUDA in scripts/gpu_equivalence.py).
+Device-agnostic: it runs wherever the modules it is given live (CPU here, CUDA in tests/gpu_equivalence.py).
 
 It shares no training code with moco_scale: its own schedules, EMA, InfoNCE (no gather,
 labels = arange), LARS and the reference's call order (base encoder per view, momentum

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TINY_RESNET, TINY_VIT, engine_config, rel_err, spawn
+from helpers import TINY_RESNET, TINY_VIT, build_engine, engine_config, rel_err, spawn
 
 from moco_scale import build_moco
 from moco_scale.dist import DistContext, mean_across_ranks
-from moco_scale.engines import build_engine, load_engine_config
+from moco_scale.engines import load_engine_config
 
 B = 16  # per rank: 8 images, 16 crops through the backbone
 
@@ -40,11 +40,11 @@ def one_step(ctx: DistContext, config: str, settings, out_path) -> None:
     for chunk, ac, *precision in settings:
         precision = precision[0] if precision else "fp32"
         cfg = load_engine_config(engine_config(config), B, ctx.world_size)
-        cfg.update(backbone_chunk=chunk, activation_checkpointing=ac)
-        if "deepspeed" in cfg:
-            cfg["deepspeed"]["bf16"] = {"enabled": precision == "bf16"}
+        cfg = cfg.replace(backbone_chunk=chunk, activation_checkpointing=ac)
+        if cfg.engine == "deepspeed":
+            cfg.deepspeed["bf16"] = {"enabled": precision == "bf16"}
         else:
-            cfg["precision"] = precision
+            cfg = cfg.replace(precision=precision)
         torch.manual_seed(0)
         engine = build_engine(build_moco(**TINY_VIT), "adamw", 0.1, cfg, ctx)
         g = torch.Generator().manual_seed(1)
@@ -123,12 +123,12 @@ def count_collectives(ctx: DistContext, out_path) -> None:
     out = {}
     for chunk in (0, 1, 4, 16):
         cfg = load_engine_config(engine_config("fsdp"), B, ctx.world_size)
-        cfg["backbone_chunk"] = chunk
+        cfg = cfg.replace(backbone_chunk=chunk)
         engine = build_engine(build_moco(**TINY_VIT), "adamw", 0.1, cfg, ctx)
         x = torch.randn(B // ctx.world_size, 3, 32, 32)
-        engine.train_step(x, x, 1e-3, 0.99)
+        engine.train_step((x, x), 1e-3, 0.99)
         counts.clear()
-        engine.train_step(x, x, 1e-3, 0.99)
+        engine.train_step((x, x), 1e-3, 0.99)
         out[chunk] = dict(counts)
         engine.close()
     if ctx.is_main:

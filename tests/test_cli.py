@@ -48,7 +48,7 @@ def runs(tmp_path_factory):
             d = tmp_path_factory.mktemp(f"{arch}-{name}")
             args = [*ARCH_FLAGS[arch], *COMMON, "--output-dir", str(d)]
             if launcher is None:
-                from moco_scale.pretrain import main
+                from moco_scale.commands.pretrain import main
 
                 assert main(args) == 0
             else:
@@ -157,7 +157,7 @@ def test_bad_input_errors(tmp_path, flags, message, capsys):
 def in_process(capsys, args: list[str]) -> tuple[int, str]:
     """`moco-scale pretrain ARGS` in the test's process (a launch adds nothing to an argument check):
     the exit code and stderr."""
-    from moco_scale.pretrain import main
+    from moco_scale.commands.pretrain import main
 
     capsys.readouterr()
     rc = main(args)

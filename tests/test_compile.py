@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TINY_VIT, engine_config, rel_err, spawn
+from helpers import TINY_VIT, build_engine, engine_config, rel_err, spawn
 from torch.distributed.tensor import DTensor
 
 from moco_scale import build_moco
 from moco_scale.dist import DistContext
-from moco_scale.engines import build_engine, load_engine_config, with_precision
+from moco_scale.engines import load_engine_config
 
 pytestmark = pytest.mark.slow
 B, STEPS = 8, 3
@@ -25,8 +25,8 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 def train(ctx: DistContext, config: str, compiled: bool) -> dict:
     torch.manual_seed(0)
-    cfg = with_precision(load_engine_config(engine_config(config), B, ctx.world_size), "fp32")
-    cfg.update(CASES[config], compile=compiled)
+    cfg = load_engine_config(engine_config(config), B, ctx.world_size).with_precision("fp32")
+    cfg = cfg.replace(**CASES[config], compile=compiled)
     engine = build_engine(build_moco(**TINY_VIT), "adamw", 0.1, cfg, ctx)
     g = torch.Generator().manual_seed(ctx.rank)
     losses, grads = [], {}
@@ -39,7 +39,7 @@ def train(ctx: DistContext, config: str, compiled: bool) -> dict:
             grads = {n: full(p.grad).clone() for n, p in engine.model.named_parameters() if p.grad is not None}
             engine.step(1e-3)
         else:
-            loss = engine.train_step(x1, x2, 1e-3 * (step + 1), 0.99)
+            loss = engine.train_step((x1, x2), 1e-3 * (step + 1), 0.99)
         losses.append(loss.item())
     compiled_blocks = sum(getattr(m, "_compiled_call_impl", None) is not None for m in engine.model.modules())
     state = engine.full_state_dict()  # weights after AdamW are not compared: it turns rounding noise in gradients

@@ -108,7 +108,7 @@ def test_wrong_target_for_the_architecture(tmp_path):
 def test_convert_never_overwrites_its_input_or_an_existing_file(tmp_path, capsys):
     """In-process: `convert --to deit X X` replaced the checkpoint with a backbone (rc 0); a folder as output left
     a traceback and a *.tmp.* file. Each is refused with rc 2 and the file untouched; --force replaces an output."""
-    from moco_scale.convert import main
+    from moco_scale.commands.convert import main
 
     src = tmp_path / "ckpt.pth.tar"
     reference_file(src, "vit_tiny", img_size=32, patch_size=8, **HEADS)

@@ -7,18 +7,18 @@ import os
 
 import pytest
 import torch
-from helpers import TINY_VIT, engine_config
+from helpers import TINY_VIT, build_engine, engine_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moco_scale import build_moco
+from moco_scale.commands.plan import gpu_precision
 from moco_scale.config import ConfigError
 from moco_scale.dist import cuda_ordinal, init_distributed, loader_workers, shutdown
-from moco_scale.engines import build_engine, load_engine_config
+from moco_scale.engines import load_engine_config
 from moco_scale.engines.base import resolve_precision
 from moco_scale.engines.deepspeed_momentum import BatchedCopy
 from moco_scale.loss import contrastive_loss
 from moco_scale.models import SyncBatchNorm
-from moco_scale.plan import gpu_precision
 
 MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
 
@@ -76,7 +76,7 @@ def ctx():
 def backward_matmul_dtypes(ctx, chunk: int) -> collections.Counter:
     """The dtypes of the backward's matrix products in one ddp_bf16.json step (world 1, CPU autocast)."""
     cfg = load_engine_config(engine_config("ddp_bf16"), 8, 1)
-    cfg["backbone_chunk"] = chunk
+    cfg = cfg.replace(backbone_chunk=chunk)
     torch.manual_seed(0)
     engine = build_engine(build_moco(**TINY_VIT), "adamw", 0.1, cfg, ctx)
     x = torch.randn(8, 3, 32, 32)
@@ -179,6 +179,6 @@ def test_zero3_finds_deepspeeds_gather_stream(ctx):
     try:
         assert engine.momentum.gather_stream is None
         x = torch.randn(8, 3, 32, 32)
-        assert torch.isfinite(engine.train_step(x, x, 1e-3, 0.99))
+        assert torch.isfinite(engine.train_step((x, x), 1e-3, 0.99))
     finally:
         engine.close()

@@ -11,12 +11,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import COMMON_TINY_RUN, REPO, TINY_VIT, TINY_VIT_FLAGS, assert_losses_close, engine_config, spawn
+from helpers import (
+    COMMON_TINY_RUN,
+    REPO,
+    TINY_VIT,
+    TINY_VIT_FLAGS,
+    assert_losses_close,
+    build_engine,
+    engine_config,
+    peak_cpu_bytes,
+    spawn,
+)
 
 from moco_scale import build_moco, schedules
-from moco_scale.checkpoint import CheckpointManager
+from moco_scale.checkpoint.manager import CheckpointManager
 from moco_scale.dist import mean_across_ranks
-from moco_scale.engines import build_engine, load_engine_config
+from moco_scale.engines import load_engine_config
 
 B, STEPS, SPLIT = 16, 6, 3
 ENGINE_NAMES = r"ddp|fsdp|deepspeed|zero[0-3]?|ZeRO-?[0-3]?"
@@ -51,14 +61,31 @@ def _train(engine, ctx, batches, first_step: int) -> list[float]:
         ep = t / SPLIT
         lr = schedules.learning_rate(ep, schedules.scaled_lr(1.0, B), 2, 1)
         m = schedules.momentum(ep, 0.99, 2, True)
-        loss = engine.train_step(x1[ctx.rank * b:(ctx.rank + 1) * b], x2[ctx.rank * b:(ctx.rank + 1) * b], lr, m)
+        loss = engine.train_step((x1[ctx.rank * b:(ctx.rank + 1) * b], x2[ctx.rank * b:(ctx.rank + 1) * b]), lr, m)
         losses.append(mean_across_ranks(loss).item())
     return losses
 
 
+class Position:
+    """The trainer's part of a checkpoint (meta.json), as a plain Stateful."""
+
+    def __init__(self, state: dict) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state
+
+
+def _config(name: str, world: int = 2):
+    return load_engine_config(engine_config(name), B, world)
+
+
 def _engine(name: str, ctx):
     torch.manual_seed(0)
-    cfg = load_engine_config(engine_config(name), B, ctx.world_size)
+    cfg = _config(name, ctx.world_size)
     return build_engine(build_moco(**TINY_VIT), "adamw", 0.1, cfg, ctx)
 
 
@@ -72,10 +99,14 @@ def _cross_resume(ctx, root: str) -> None:
         engine = _engine(first, ctx)
         _train(engine, ctx, batches[:SPLIT], 0)
         manager = CheckpointManager(f"{root}/{first}", ctx, keep_last=1, warn=lambda text: None)
-        folder = manager.save(engine, {"step": SPLIT, "iters_per_epoch": SPLIT, "engine": type(engine).layout({})})
+        manager.track(engine, Position({"step": SPLIT, "iters_per_epoch": SPLIT, "engine": _config(first).layout}))
+        folder = manager.save()
         engine.close()
         resumed = _engine(second, ctx)  # another initialisation would do: the load replaces everything
-        meta = manager.load(resumed, folder)
+        position = Position({})
+        manager.track(resumed, position)
+        meta = manager.load(folder)
+        assert position.state["step"] == SPLIT
         assert meta["engine"] == "torch.distributed.checkpoint"
         out[f"{first} -> {second}"] = _train(resumed, ctx, batches[SPLIT:], SPLIT)
         resumed.close()
@@ -92,21 +123,6 @@ def test_ddp_and_fsdp_checkpoints_resume_under_each_other(tmp_path):
         assert_losses_close(out[f"{first} -> {second}"], out[f"{first} straight"][SPLIT:])
 
 
-def _peak_new_bytes(fn) -> tuple[object, int]:
-    """fn() and the peak of the CPU bytes it allocated and still held at any point (the profiler's allocator
-    events, in order)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
-    live = peak = 0
-    for e in events:
-        live += e.cpu_memory_usage
-        peak = max(peak, live)
-    return result, peak
-
-
 def _reference_memory(ctx, out: str) -> None:
     torch.manual_seed(0)
     cfg = load_engine_config(engine_config("fsdp"), B, ctx.world_size)
@@ -117,7 +133,7 @@ def _reference_memory(ctx, out: str) -> None:
     largest = max(t.numel() * t.element_size() for t in whole.values())
     optimizer_bytes = 2 * sum(t.numel() * 4 for t in engine.model.trainable_parameters())  # AdamW's two moments
     del whole
-    state, peak = _peak_new_bytes(engine.reference_state)
+    state, peak = peak_cpu_bytes(engine.reference_state)
     torch.save({"rank": ctx.rank, "peak": peak, "model": model_bytes, "largest": largest, "optimizer": optimizer_bytes,
                 "returned": state is not None,
                 "on_cpu": state is None or all(t.device.type == "cpu" for t in state["state_dict"].values())},
@@ -154,7 +170,7 @@ def test_moco_is_called_as_the_reference_calls_it():
 
 
 def _main(args: list[str]) -> int:
-    from moco_scale.pretrain import main
+    from moco_scale.commands.pretrain import main
 
     return main(args)
 
@@ -187,7 +203,7 @@ def test_reference_every(tmp_path, every, written):
 
 def test_probe_reads_a_checkpoint_folder(tmp_path):
     """One loader for every command: a resumable folder gives the same model as the reference file."""
-    from moco_scale.loading import load_pretrained
+    from moco_scale.checkpoint.reference import load_pretrained
 
     assert _main([*COMMON_TINY_RUN, "--output-dir", str(tmp_path)]) == 0
     from_folder, settings, _ = load_pretrained(str(tmp_path / "checkpoints" / "step_00000001"))

@@ -15,6 +15,7 @@ from helpers import (
     TINY_VIT_FLAGS,
     assert_losses_close,
     assert_matches_oracle,
+    build_engine,
     builtin_batches,
     deepspeed_launcher,
     engine_config,
@@ -31,7 +32,7 @@ from reference import Oracle
 from moco_scale import build_moco, schedules
 from moco_scale.config import ConfigError
 from moco_scale.dist import DistContext, mean_across_ranks
-from moco_scale.engines import build_engine, load_engine_config, with_precision
+from moco_scale.engines import load_engine_config
 
 CONFIGS = ["ddp", "fsdp", "fsdp_grad_op", "zero0", "zero1", "zero2", "zero3", "zero3_offload"]
 B, STEPS, EPOCHS, WARMUP, LR, WD = 16, 3, 2, 1, 1.0, 0.1
@@ -162,11 +163,10 @@ def make_batches(steps: int, seed: int = 1):
     return [(torch.randn(B, 3, 32, 32, generator=g), torch.randn(B, 3, 32, 32, generator=g)) for _ in range(steps)]
 
 
-def load(config: str, world: int, **overrides) -> dict:
+def load(config: str, world: int, **overrides):
     cfg = load_engine_config(engine_config(config), B, world)
-    cfg = with_precision(cfg, overrides.pop("precision", "fp32"))
-    cfg.update(overrides)
-    return cfg
+    cfg = cfg.with_precision(overrides.pop("precision", "fp32"))
+    return cfg.replace(**overrides)
 
 
 def momentum_runs(ctx: DistContext, config: str, batches, m0: float, out_path, runs: list[dict]) -> None:
@@ -193,7 +193,7 @@ def momentum_run(ctx: DistContext, config: str, batches, m0: float, overrides: d
         for k in ema:
             ema[k].lerp_(masters["base_encoder." + k.removeprefix("momentum_encoder.")].float(), 1 - m)
         lr = schedules.learning_rate(ep, schedules.scaled_lr(LR, B), EPOCHS, WARMUP)
-        loss = engine.train_step(x1[ctx.rank * b:(ctx.rank + 1) * b], x2[ctx.rank * b:(ctx.rank + 1) * b], lr, m)
+        loss = engine.train_step((x1[ctx.rank * b:(ctx.rank + 1) * b], x2[ctx.rank * b:(ctx.rank + 1) * b]), lr, m)
         losses.append(mean_across_ranks(loss).item())
     final = snapshot()
     engine.close()
@@ -250,7 +250,7 @@ def test_deepspeed_batch_fields_must_agree_with_the_launch(tmp_path):
                                           r"2 rank\(s\) gives 64"):
         load_engine_config(path, 128, 2)
     cfg["train_micro_batch_size_per_gpu"] = 64
-    assert load_engine_config(write(tmp_path, cfg), 128, 2)["deepspeed"]["train_batch_size"] == 128
+    assert load_engine_config(write(tmp_path, cfg), 128, 2).deepspeed["train_batch_size"] == 128
 
 
 @pytest.mark.parametrize("change,message", [
@@ -280,7 +280,7 @@ def test_deepspeed_refuses_lars_on_flat_partitions(tmp_path):
 def test_every_shipped_config_loads():
     for path in sorted((REPO / "ds_configs").glob("*.json")):
         cfg = load_engine_config(str(path), 64, 4)
-        assert cfg["engine"] in ("ddp", "fsdp", "deepspeed"), path
+        assert cfg.engine in ("ddp", "fsdp", "deepspeed"), path
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from helpers import (
     TINY_VIT,
     assert_losses_close,
     assert_matches_oracle,
+    build_engine,
     engine_config,
     noise_only_elements,
     rel_err,
@@ -29,7 +30,7 @@ from reference import Oracle
 
 from moco_scale import build_moco, schedules
 from moco_scale.dist import DistContext, mean_across_ranks
-from moco_scale.engines import build_engine, load_engine_config
+from moco_scale.engines import load_engine_config
 
 B, STEPS, ITERS, EPOCHS, WARMUP = 16, 3, 2, 2, 1
 SETUPS = {
@@ -60,7 +61,7 @@ def train_engine(ctx: DistContext, setup: str, batches, out_path=None, config: s
         ep = t / ITERS
         lr = schedules.learning_rate(ep, schedules.scaled_lr(base_lr, B), EPOCHS, WARMUP)
         m = schedules.momentum(ep, 0.99, EPOCHS, True)
-        loss = engine.train_step(x1[ctx.rank * b:(ctx.rank + 1) * b], x2[ctx.rank * b:(ctx.rank + 1) * b], lr, m)
+        loss = engine.train_step((x1[ctx.rank * b:(ctx.rank + 1) * b], x2[ctx.rank * b:(ctx.rank + 1) * b]), lr, m)
         losses.append(mean_across_ranks(loss).item())
     result = {"losses": losses, "state": {k: v.detach().clone() for k, v in engine.full_state_dict().items()}}
     if out_path is not None and ctx.is_main:
@@ -125,6 +126,6 @@ def test_bf16_autocast_on_cpu_tracks_the_fp32_oracle():
     got = []
     for t, (x1, x2) in enumerate(batches):
         lr = schedules.learning_rate(t / ITERS, schedules.scaled_lr(base_lr, B), EPOCHS, WARMUP)
-        got.append(engine.train_step(x1, x2, lr, schedules.momentum(t / ITERS, 0.99, EPOCHS, True)).item())
+        got.append(engine.train_step((x1, x2), lr, schedules.momentum(t / ITERS, 0.99, EPOCHS, True)).item())
     assert_losses_close(got, want, rtol=2e-2)
     assert all(p.dtype == torch.float32 for p in engine.model.parameters())

@@ -12,9 +12,9 @@ import torch
 from helpers import COMMON_TINY_RUN
 from PIL import Image
 
-from moco_scale import checkpoint
-from moco_scale.checkpoint import find_latest
-from moco_scale.pretrain import main
+from moco_scale.checkpoint import manager as checkpoint
+from moco_scale.checkpoint.manager import find_latest
+from moco_scale.commands.pretrain import main
 
 RUN = [a for a in COMMON_TINY_RUN if a not in ("--max-steps", "1")]
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TINY_VIT, OpCounter, engine_config, spawn
+from helpers import TINY_VIT, OpCounter, build_engine, engine_config, spawn
 
 from moco_scale import build_moco
 from moco_scale.dist import DistContext, StopRequest, mean_across_ranks
-from moco_scale.engines import build_engine, load_engine_config, with_precision
+from moco_scale.engines import load_engine_config
 
 ENGINES = ["ddp", "fsdp", "zero0", "zero1", "zero2", "zero3"]
 B = 8
@@ -23,7 +23,7 @@ DEEPSPEED_OWN = {"zero1": 1, "zero3": 1}
 
 def build(ctx: DistContext, config: str, optimizer: str = "adamw", precision: str = "fp32", **vit):
     torch.manual_seed(0)
-    cfg = with_precision(load_engine_config(engine_config(config), B, ctx.world_size), precision)
+    cfg = load_engine_config(engine_config(config), B, ctx.world_size).with_precision(precision)
     return build_engine(build_moco(**{**TINY_VIT, **vit}), optimizer, 0.1, cfg, ctx)
 
 
@@ -41,10 +41,10 @@ def fsdp_gathers(engine, x1: torch.Tensor, x2: torch.Tensor) -> tuple[dict[str, 
             counts[group._module_fqn or "root"] = counts.get(group._module_fqn or "root", 0) + 1
         return real(group, *args, **kwargs)
 
-    engine.train_step(x1, x2, 1e-3, 0.99)
+    engine.train_step((x1, x2), 1e-3, 0.99)
     FSDPParamGroup.unshard = unshard
     try:
-        engine.train_step(x1, x2, 1e-3, 0.99)
+        engine.train_step((x1, x2), 1e-3, 0.99)
     finally:
         FSDPParamGroup.unshard = real
     gathered = [n or "root" for n, m in engine.model.named_modules()
@@ -60,12 +60,12 @@ def record(ctx: DistContext, out: str) -> None:
     for config in ENGINES:
         engine = build(ctx, config)
         for _ in range(3):  # ZeRO-3 records its module trace (with syncs of its own) in the first steps
-            engine.train_step(x1, x2, 1e-3, 0.99)
+            engine.train_step((x1, x2), 1e-3, 0.99)
         with OpCounter() as plain:
-            engine.train_step(x1, x2, 1e-3, 0.99)
+            engine.train_step((x1, x2), 1e-3, 0.99)
             stop.agreed(may_sync=False)
         with OpCounter() as logging:
-            loss = engine.train_step(x1, x2, 1e-3, 0.99, watch=engine.model.first_layer_names())
+            loss = engine.train_step((x1, x2), 1e-3, 0.99, watch=engine.model.first_layer_names())
             mean_across_ranks(loss).item()
             stop.agreed(may_sync=True)
         rec["syncs"][config], rec["logging_syncs"][config] = plain.syncs, logging.syncs
@@ -92,7 +92,7 @@ def record(ctx: DistContext, out: str) -> None:
 
     for config in ("zero1", "zero2"):  # 16-bit: the momentum encoder's fp32 fragments, rebuilt by one gather
         engine = build(ctx, config, precision="bf16")
-        engine.train_step(x1, x2, 1e-3, 0.99)
+        engine.train_step((x1, x2), 1e-3, 0.99)
         with OpCounter() as update:
             engine.update_momentum(0.9)
         full = [t.clone() for t in engine.momentum.full()]

@@ -48,7 +48,7 @@ def test_two_nodes_under_the_deepspeed_launcher(single_node, tmp_path):
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     port = str(free_port())
     cmd = [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--master_addr", "127.0.0.1",
-           "--master_port", port, "--module", "moco_scale.pretrain", *COMMON, "--max-steps", "3",
+           "--master_port", port, "--module", "moco_scale", "pretrain", *COMMON, "--max-steps", "3",
            "--engine-config", engine_config("zero3"), "--output-dir", str(tmp_path / "run")]
     procs = [start([*cmd[:3], "--node_rank", str(n), *cmd[3:]], tmp_path / f"node{n}.log") for n in (0, 1)]
     assert finish(procs) == [0, 0], (tmp_path / "node1.log").read_text()[-3000:]
@@ -59,7 +59,7 @@ def test_two_nodes_under_the_deepspeed_launcher(single_node, tmp_path):
 def test_two_nodes_under_torchrun(single_node, tmp_path):
     port = str(free_port())
     procs = [start([str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(n), "--nproc_per_node", "1",
-                    "--master_addr", "127.0.0.1", "--master_port", port, "-m", "moco_scale.pretrain", *COMMON,
+                    "--master_addr", "127.0.0.1", "--master_port", port, "-m", "moco_scale", "pretrain", *COMMON,
                     "--max-steps", "3", "--engine-config", engine_config("fsdp"), "--output-dir",
                     str(tmp_path / "run")], tmp_path / f"node{n}.log") for n in (0, 1)]
     assert finish(procs) == [0, 0], (tmp_path / "node1.log").read_text()[-3000:]
@@ -146,8 +146,9 @@ def test_first_ctrl_c_saves_like_sigterm_and_the_folder_asks_for_resume(tmp_path
     assert (run / "checkpoints" / f"step_{summary['steps']:08d}" / "meta.json").is_file()
     reference = run / "checkpoint.pth.tar"  # written at epoch ends only: named only where it exists
     assert summary["checkpoint"] == (str(reference) if reference.exists() else None)
+    from moco_scale.commands.pretrain import main
     from moco_scale.config import ConfigError
-    from moco_scale.pretrain import main, prepare_output_dir
+    from moco_scale.train.run import prepare_output_dir
 
     with pytest.raises(ConfigError, match="interrupted run .* --resume auto"):
         prepare_output_dir(str(run), overwrite=False, resuming=False)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from helpers import BIN, COMMON_TINY_RUN, deepspeed_launcher, engine_config, run_cli
 
+from moco_scale.checkpoint.reference import pretrained_encoder
 from moco_scale.data import eval_transform, load_digits_split
-from moco_scale.lincls import pretrained_backbone
 from moco_scale.models import backbone_features
 
 LINCLS = ["--epochs", "2", "-b", "128", "-j", "0", "--bn", "--device", "cpu"]
@@ -25,7 +25,8 @@ def pretrained(tmp_path_factory):
 
 
 def top1_of_saved_classifier(ckpt: str, run_dir) -> float:
-    encoder, settings, _ = pretrained_backbone(ckpt, None)
+    encoder, _, state, settings = pretrained_encoder(ckpt)
+    encoder.load_state_dict(state, assign=True)
     saved = torch.load(run_dir / "lincls_checkpoint.pth.tar", weights_only=True)["classifier"]
     val = load_digits_split("val", settings["img_size"])
     tf = eval_transform(settings["img_size"])
@@ -42,7 +43,7 @@ def top1_of_saved_classifier(ckpt: str, run_dir) -> float:
 def test_lincls_reports_what_its_classifier_scores(pretrained, world, tmp_path):
     ckpt = str(pretrained / "checkpoints" / "step_00000001")  # a resumable folder, consolidated on the fly
     # world 2 under the deepspeed launcher, as the README's cluster lines run it (torchrun runs it the same way)
-    launcher = [str(BIN / "moco-scale"), "lincls"] if world == 1 else [*deepspeed_launcher(2)[:-1], "moco_scale.lincls"]
+    launcher = [str(BIN / "moco-scale"), "lincls"] if world == 1 else [*deepspeed_launcher(2)[:-1], "lincls"]
     res = run_cli([ckpt if a == "CKPT" else a for a in ["--pretrained", "CKPT", *LINCLS, "--output-dir",
                                                         str(tmp_path)]], launcher=launcher)
     assert res.returncode == 0, res.stderr[-3000:]

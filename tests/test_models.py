@@ -35,8 +35,9 @@ def test_pos_embed_layout_non_square():
 
 
 def test_vit_small_init_statistics():
+    """The values models/init.py gives a built ViT-S (build_vit only constructs, e.g. on the meta device)."""
     torch.manual_seed(0)
-    vit = build_vit("vit_small")
+    vit = build_moco("vit_small", moco_dim=32, moco_mlp_dim=64).base_encoder
     d = 384
     assert vit.blocks[0].attn.num_heads == 12 and len(vit.blocks) == 12 and vit.embed_dim == d
     assert vit.norm.eps == 1e-6 and vit.blocks[0].norm1.eps == 1e-6

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TINY_VIT, engine_config, run_cli, spawn
+from helpers import TINY_VIT, build_engine, engine_config, run_cli, spawn
 
 from moco_scale import build_moco
+from moco_scale.commands.plan import activation_bytes, activation_profile, model_shapes
 from moco_scale.dist import DistContext
-from moco_scale.engines import build_engine, load_engine_config
-from moco_scale.plan import activation_bytes, activation_profile, model_shapes, model_state_bytes
+from moco_scale.engines import load_engine_config
 
 B = 16
 
@@ -49,10 +49,10 @@ def count_engines(ctx: DistContext, configs, precision: str, out_path) -> None:
     results = {}
     for config in configs:
         cfg = load_engine_config(engine_config(config), B, ctx.world_size)
-        if "deepspeed" in cfg:
-            cfg["deepspeed"]["bf16"] = {"enabled": precision == "bf16"}
+        if cfg.engine == "deepspeed":
+            cfg.deepspeed["bf16"] = {"enabled": precision == "bf16"}
         else:
-            cfg["precision"] = precision
+            cfg = cfg.replace(precision=precision)
         torch.manual_seed(0)
         model = build_moco(**TINY_VIT)
         shapes = model_shapes(model)
@@ -65,7 +65,7 @@ def count_engines(ctx: DistContext, configs, precision: str, out_path) -> None:
         basic = getattr(engine.optimizer, "optimizer", engine.optimizer)
         got["optimizer"] = nbytes(t for s in basic.state.values() for t in s.values() if torch.is_tensor(t))
         got["optimizer"] += nbytes(masters)
-        want = model_state_bytes(shapes, cfg, ctx.world_size, ctx.rank, engine.precision, "adamw")
+        want = cfg.engine_class.state_bytes(shapes, cfg, ctx.world_size, ctx.rank, engine.precision, "adamw")
         results[config] = {"got": got, "want": want}
         engine.close()
     torch.save(results, f"{out_path}.{ctx.rank}")

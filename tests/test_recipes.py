@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from helpers import BIN, REPO
 
-from moco_scale.hostfile import HostfileError, parse_hostfile
+from moco_scale.commands.hostfile import HostfileError, parse_hostfile
 
 
 def recipe(name: str, *args: str) -> subprocess.CompletedProcess:

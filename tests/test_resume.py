@@ -17,6 +17,7 @@ from helpers import (
     TINY_VIT,
     TINY_VIT_FLAGS,
     assert_states_close,
+    build_engine,
     deepspeed_launcher,
     engine_config,
     read_run,
@@ -26,8 +27,8 @@ from helpers import (
 )
 
 from moco_scale import build_moco
-from moco_scale.engines import build_engine, load_engine_config
-from moco_scale.loading import consolidate
+from moco_scale.checkpoint.reference import consolidate
+from moco_scale.engines import load_engine_config
 
 B, ITERS = 16, 1437 // 16
 COMMON = [*TINY_VIT_FLAGS, "-b", str(B), "--epochs", "2", "--warmup-epochs", "1", "--lr", "1.0", "--wd", "0.1",
@@ -40,7 +41,7 @@ def pretrain(config: str, world: int, out: Path, *extra: str) -> str:
     command line's own path is test_cli's). Returns what it printed, warnings included."""
     args = [*COMMON, "--engine-config", engine_config(config), "--output-dir", str(out), *extra]
     if config == "ddp" and world == 1:
-        from moco_scale.pretrain import main
+        from moco_scale.commands.pretrain import main
 
         printed = io.StringIO()
         with redirect_stdout(printed), redirect_stderr(printed), warnings.catch_warnings(record=True) as caught:
@@ -140,7 +141,7 @@ def test_fsdp_checkpoint_reshards_to_another_world_size(runs, world, tmp_path):
 
 def _load_universal_and_dump(ctx, folder: str, out: str) -> None:
     cfg = load_engine_config(engine_config("zero3"), B, ctx.world_size)
-    cfg["deepspeed"]["checkpoint"] = {"load_universal": True}  # what the driver sets for a universal folder
+    cfg.deepspeed["checkpoint"] = {"load_universal": True}  # what the driver sets for a universal folder
     torch.manual_seed(123)
     engine = build_engine(build_moco(**TINY_VIT), "adamw", 0.1, cfg, ctx)
     engine.load(folder, 2)
@@ -205,7 +206,7 @@ def test_a_published_style_file_round_trips_through_resume(runs, tmp_path):
 
 def in_process(capsys, out: Path, *extra: str) -> tuple[int, str]:
     """`plain` without the process start (DDP at world 1 runs in the test's process): exit code and output."""
-    from moco_scale.pretrain import main
+    from moco_scale.commands.pretrain import main
 
     capsys.readouterr()
     rc = main([*COMMON, "--output-dir", str(out), *extra])

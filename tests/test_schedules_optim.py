@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TINY_VIT
+from helpers import TINY_VIT, build_engine
 from reference import lr_at, m_at
 
 from moco_scale import build_moco, schedules
 from moco_scale.dist import DistContext
-from moco_scale.engines import build_engine, load_engine_config
+from moco_scale.engines import load_engine_config
 from moco_scale.optim import LARS
 
 

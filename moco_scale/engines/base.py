@@ -1,25 +1,29 @@
-"""The engine contract: everything the driver, the planner and the checkpoint tools may ask of a backend.
+"""The engine contract: everything the trainer, the planner and the checkpoint tools may ask of a backend.
 
-An engine owns the wrapped model, the optimizer, mixed precision, the momentum update, the
-parameter layout (replicated or sharded) and its checkpoint files. Nothing outside engines/
-names an engine: questions asked before an engine exists (its checkpoint layout, its label,
-the precision it asks for, whether it resumes a folder, how to read its files offline) are
-class methods taking the engine config; the rest are methods of a built engine.
+An engine owns the wrapped model (MoCo, or a classifier when fine-tuning), the optimizer, mixed precision,
+the momentum update, the parameter layout (replicated or sharded) and its checkpoint files. Nothing outside
+engines/ names an engine: questions asked before an engine exists are methods of its typed config
+(engines/config.py); the planner's byte counts are class methods; the rest are methods of a built engine.
 """
 
 from __future__ import annotations
 
-import copy
 from abc import ABC, abstractmethod
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 
-from moco_scale.config import ConfigError
-from moco_scale.models import MoCo
+from moco_scale.dist import DistContext
+from moco_scale.engines.config import EngineConfig
+from moco_scale.engines.memory import Shapes
+from moco_scale.models.parts import TrainModule
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: compute dtypes of the precisions, one table for every engine
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: the reference's dynamic loss scaler (init 2^16, growth interval 2000), for fp16 in every engine
+SCALER = {"init_scale": 2.0**16, "growth_interval": 2000}
 
 
 def resolve_precision(precision: str, device: torch.device, bf16_supported: bool | None = None) -> str:
@@ -39,77 +43,55 @@ def resolve_precision(precision: str, device: torch.device, bf16_supported: bool
     return precision
 
 
+def gpu_precision(cfg: EngineConfig, override: str | None = None) -> str:
+    """The precision a GPU run of `cfg` trains in (the planner's question): the one rule on a bf16 GPU."""
+    requested = override if override and override != "auto" else cfg.requested_precision
+    return resolve_precision(requested, torch.device("cuda"), bf16_supported=True)
+
+
 class Engine(ABC):
-    """One training backend. Subclasses declare their JSON keys in DEFAULTS (and CHOICES)."""
+    """One training backend, built from (a model, an OptimizerSpec, its typed config, the process context)."""
 
-    name: ClassVar[str]
-    DEFAULTS: ClassVar[dict[str, Any]]
-    CHOICES: ClassVar[dict[str, tuple]] = {}
-    #: a sharding engine needs a process group even in one plain process
-    needs_process_group: ClassVar[bool] = False
-
-    model: MoCo
+    model: TrainModule
     optimizer: torch.optim.Optimizer
     precision: str
+    ctx: DistContext
+    #: the dtype images are cast to before the forward (a 16-bit module), None where autocast does it
+    input_dtype: torch.dtype | None = None
     last_grad_norms: dict[str, float] = {}  # replaced by each train_step, never mutated
+    name: ClassVar[str]
 
-    # -- policy: asked of an engine config, before (or without) building the engine ---------------
+    # -- the planner's model of this engine (moco-scale plan), from parameter shapes -----------------------
     @classmethod
-    def layout(cls, cfg: dict[str, Any]) -> str:
-        """The checkpoint layout written into meta.json: engines that read each other's folders share one."""
-        return cls.name
-
-    @classmethod
-    def label(cls, cfg: dict[str, Any]) -> str:
-        """How the run's first line names the engine."""
-        return cls.name
-
-    @classmethod
-    def requested_precision(cls, cfg: dict[str, Any]) -> str:
-        """What the config asks for ("auto", "fp32", "bf16", "fp16"), before the device decides."""
-        return cfg["precision"]
-
-    @classmethod
-    def with_precision(cls, cfg: dict[str, Any], precision: str) -> dict[str, Any]:
-        """A copy of `cfg` asking for `precision` (benchmarks and checks that pin it)."""
-        return {**copy.deepcopy(cfg), "precision": precision}
-
-    @classmethod
-    def resume_config(cls, cfg: dict[str, Any], meta: dict[str, Any], source: Path) -> dict[str, Any]:
-        """The config that resumes the checkpoint folder `source` (its meta.json `meta`): `cfg` itself, or a
-        copy adjusted to read it; a ConfigError naming the way out where this engine cannot."""
-        if meta["engine"] != cls.layout(cfg):
-            raise ConfigError(f"--resume {source} was written by {meta['engine']} and this run uses "
-                              f"{cls.layout(cfg)}: their layouts differ. Consolidate it (moco-scale convert --to "
-                              f"reference {source} full.pth.tar) and --resume full.pth.tar, or resume with the same "
-                              "--engine-config")
-        return cfg
-
-    @classmethod
-    def reads(cls, layout: str) -> bool:
-        """Whether `read_model_state` reads folders of this layout."""
-        return layout == cls.name
-
-    @classmethod
-    def write_universal(cls, src: Path, out: Path, meta: dict[str, Any]) -> str:
-        """Write a universal form of the checkpoint folder `src` into the new folder `out` (convert --to universal);
-        returns where it resumes (the engines that can read it), for the user."""
-        raise ValueError(f"{src} was written by {meta['engine']}: universal checkpoints are made from DeepSpeed "
-                         "ZeRO 1-3 ones (torch.distributed.checkpoint folders of DDP and FSDP reshard as they are)")
+    @abstractmethod
+    def state_bytes(cls, shapes: Shapes, cfg: EngineConfig, world: int, rank: int, precision: str,
+                    optimizer: str) -> dict[str, int]:
+        """Bytes of parameters, gradients, optimizer state and momentum encoder that stay allocated on `rank`."""
 
     @classmethod
     @abstractmethod
-    def read_model_state(cls, folder: Path, meta: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict | None]:
-        """Offline, in one process: the whole fp32 model (reference names) of a checkpoint folder this engine
-        wrote, and its optimizer state in the reference's layout where it has one (else None)."""
+    def comm_bytes(cls, shapes: Shapes, cfg: EngineConfig, world: int, precision: str, chunks: int) -> int:
+        """Bytes one rank sends per step for the model (ring collectives; the InfoNCE keys are the planner's)."""
+
+    @classmethod
+    def buffer_bytes(cls, shapes: Shapes, cfg: EngineConfig, precision: str, chunk: int) -> int:
+        """Buffers beside the model state (buckets, a gathered backbone)."""
+        return 0
+
+    # -- the step --------------------------------------------------------------------------------------
+    def inputs(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The batch on this rank's device; the model's images in `input_dtype` (targets keep theirs)."""
+        n = self.model.image_inputs
+        return tuple(t.to(self.ctx.device, dtype=self.input_dtype if i < n else None, non_blocking=True)
+                     for i, t in enumerate(batch))
 
     @abstractmethod
     def update_momentum(self, m: float) -> None:
-        """theta_m = m theta_m + (1 - m) theta_b on the parameters this rank holds, in fp32."""
+        """theta_m = m theta_m + (1 - m) theta_b on the parameters this rank holds, in fp32 (no-op without an EMA)."""
 
     @abstractmethod
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        """This rank's loss for its share of the global batch (keys gathered from all ranks)."""
+    def forward(self, *batch: torch.Tensor) -> torch.Tensor:
+        """This rank's loss for its share of the global batch."""
 
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
@@ -117,31 +99,39 @@ class Engine(ABC):
 
     @abstractmethod
     def step(self, lr: float) -> None:
-        """One optimizer step at learning rate `lr`, then clear the gradients."""
+        """One optimizer step at learning rate `lr` (times each group's lr_scale), then clear the gradients."""
 
     @abstractmethod
     def grad_norm(self, name: str) -> float:
         """L2 norm of the averaged, unscaled gradient of parameter `name` between backward and step (a
         collective under sharding: call it on every rank)."""
 
-    def train_step(self, x1: torch.Tensor, x2: torch.Tensor, lr: float, m: float,
+    def train_step(self, batch: Sequence[torch.Tensor], lr: float, m: float | None = None,
                    watch: tuple[str, ...] = ()) -> torch.Tensor:
-        """One MoCo v3 iteration in the reference's order: momentum update, loss, backward, step.
-        The gradient norms of the parameters named in `watch` are left in `last_grad_norms`."""
-        self.update_momentum(m)
-        loss = self.forward(x1, x2)
+        """One iteration in the reference's order: momentum update (MoCo), loss, backward, step. The gradient
+        norms of the parameters named in `watch` are left in `last_grad_norms`."""
+        if m is not None:
+            self.update_momentum(m)
+        loss = self.forward(*batch)
         self.backward(loss)
         self.last_grad_norms = {name: self.grad_norm(name) for name in watch}
         self.step(lr)
         return loss.detach()
 
     @abstractmethod
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model in the reference layout (base_encoder.*, momentum_encoder.*, predictor.*), fp32, on
-        every rank: for tests and tools on small models, never in the training loop.
+    def call(self, method: str, *inputs: torch.Tensor) -> torch.Tensor:
+        """`model.<method>(*inputs)` without autograd, through the engine's wrapping, so a sharded model runs
+        in place, gathering per block as its forward does (evaluation: kNN features, a classifier's logits)."""
 
-        A collective under sharding (call it on every rank); tensors may share storage with the live
-        model, so clone what must outlive the next step."""
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+    # -- state -----------------------------------------------------------------------------------------
+    @abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model (reference names), fp32, on every rank: for tests and tools on small models, never in
+        the training loop. A collective under sharding; tensors may share storage with the live model."""
 
     @abstractmethod
     def reference_state(self) -> dict[str, Any] | None:
@@ -163,10 +153,6 @@ class Engine(ABC):
     def load(self, path: str, saved_world_size: int) -> None:
         """Restore what `save` wrote, from a run at `saved_world_size` ranks; raises a ConfigError naming
         the way out where this engine cannot change the world size. A collective."""
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
 
     def close(self) -> None:  # noqa: B027 - optional hook: only engines holding resources override it
         """Release what the engine holds before the process group goes away."""

@@ -1,18 +1,18 @@
 """DeepSpeed ZeRO stages 0-3, configured by a genuine DeepSpeed JSON (read by engines/deepspeed_config.py).
 
-The whole MoCo module goes to one `deepspeed.initialize`, so ZeRO-3 partitions the momentum
-encoder exactly like the base encoder (flat ceil(numel / world) slices per parameter). The momentum
-encoder's fp32 values live in one of four layouts that follow DeepSpeed's (engines/deepspeed_momentum.py).
+The whole model goes to one `deepspeed.initialize`, so ZeRO-3 partitions the momentum encoder exactly
+like the base encoder (flat ceil(numel / world) slices per parameter). A model on the meta device is
+placed one unit at a time and partitioned before the next (ZeRO-3), or whole (ZeRO 0-2, replicated anyway).
+The momentum encoder's fp32 values live in one of four layouts that follow DeepSpeed's
+(engines/deepspeed_momentum.py), filled per shard.
 """
 
 from __future__ import annotations
 
 import copy
 import gc
+import math
 import os
-import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,24 +21,20 @@ import torch
 import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from moco_scale.checkpoint.io import load_checkpoint
 from moco_scale.config import ConfigError
-from moco_scale.dist import DistContext
-from moco_scale.engines.activation_checkpointing import apply_activation_checkpointing
-from moco_scale.engines.base import Engine
-from moco_scale.engines.deepspeed_config import (
-    BATCH_KEYS,
-    MOCO_SCALE_DEFAULTS,
-    requested_precision,
-    resolve_config_precision,
-)
+from moco_scale.dist import DistContext, all_gather_flat
+from moco_scale.engines.base import DTYPES, Engine
+from moco_scale.engines.config import DeepSpeedConfig
+from moco_scale.engines.deepspeed_checkpoint import DS_TAG, MOMENTUM_FILE, UNIVERSAL_TAG
+from moco_scale.engines.deepspeed_config import BATCH_KEYS, resolve_config_precision
 from moco_scale.engines.deepspeed_momentum import momentum_layout, zero0_masters
-from moco_scale.files import load_checkpoint
-from moco_scale.models import MoCo
+from moco_scale.engines.memory import Shapes, numel, optimizer_state, ring, z3_part
+from moco_scale.engines.prepare import materialize_units, materialize_whole, prepare, take_state
 from moco_scale.models.chunking import PhasedChunks
-from moco_scale.optim import build_optimizer
-
-_DS_TAG = "deepspeed"  # the subfolder DeepSpeed writes its checkpoint into
-UNIVERSAL_TAG = "universal"  # where `moco-scale convert --to universal` puts ds_to_universal's output
+from moco_scale.models.init import InitialState
+from moco_scale.models.parts import TrainModule
+from moco_scale.optim import OptimizerSpec
 
 
 def _unlink_shm_allreduce_buffer(rank: int) -> None:
@@ -57,13 +53,13 @@ def _unlink_shm_allreduce_buffer(rank: int) -> None:
 
 
 class _ThroughEngine:
-    """The phase methods of MoCo (models/chunking.Phases) called through DeepSpeed's engine, whose forward runs
-    ZeRO-3's start/end-of-forward hooks: the engine's module forwards to the phase for that one call."""
+    """A model method (the chunked step's phases, an evaluation's features) called through DeepSpeed's engine,
+    whose forward runs ZeRO-3's start/end-of-forward hooks: the module forwards to the method for that call."""
 
-    def __init__(self, ds: Any, model: MoCo) -> None:
+    def __init__(self, ds: Any, model: TrainModule) -> None:
         self.ds, self.model = ds, model
 
-    def _call(self, method: str, *inputs: torch.Tensor) -> torch.Tensor:
+    def call(self, method: str, *inputs: torch.Tensor) -> torch.Tensor:
         self.model.forward = getattr(self.model, method)  # an instance attribute: nn.Module.__call__ finds it
         try:
             return self.ds(*inputs)
@@ -71,157 +67,99 @@ class _ThroughEngine:
             del self.model.forward
 
     def base_features(self, crops: torch.Tensor) -> torch.Tensor:
-        return self._call("base_features", crops)
+        return self.call("base_features", crops)
 
     def momentum_features(self, crops: torch.Tensor) -> torch.Tensor:
-        return self._call("momentum_features", crops)
+        return self.call("momentum_features", crops)
 
     def loss_from_features(self, features: torch.Tensor, momentum_features: torch.Tensor) -> torch.Tensor:
-        return self._call("loss_from_features", features, momentum_features)
+        return self.call("loss_from_features", features, momentum_features)
 
 
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
-    DEFAULTS = {"engine": "deepspeed", "zero_stage": 0, **MOCO_SCALE_DEFAULTS, "deepspeed": {}}
-    needs_process_group = True
 
-    # -- policy ---------------------------------------------------------------------------------------
-    @classmethod
-    def layout(cls, cfg: dict[str, Any]) -> str:
-        return f"deepspeed ZeRO-{cfg['zero_stage']}"  # partitions differ per stage
-
-    label = layout
-
-    @classmethod
-    def requested_precision(cls, cfg: dict[str, Any]) -> str:
-        return requested_precision(cfg["deepspeed"])
-
-    @classmethod
-    def with_precision(cls, cfg: dict[str, Any], precision: str) -> dict[str, Any]:
-        out = copy.deepcopy(cfg)
-        ds = out["deepspeed"]
-        ds["bf16"] = {**ds.get("bf16", {}), "enabled": {"bf16": True, "auto": "auto"}.get(precision, False)}
-        ds["fp16"] = {**ds.get("fp16", {}), "enabled": precision == "fp16"}
-        return out
-
-    @classmethod
-    def resume_config(cls, cfg: dict[str, Any], meta: dict[str, Any], source: Path) -> dict[str, Any]:
-        """A universal checkpoint (convert --to universal) loads at any world size within its stage group."""
-        if not meta.get("universal"):
-            return super().resume_config(cfg, meta, source)
-        saved_stage3, stage3 = meta["engine"].endswith("ZeRO-3"), cfg["zero_stage"] == 3
-        if saved_stage3 != stage3:  # measured with deepspeed 0.19.8: its model files are named per stage group
-            raise ConfigError(f"--resume {source} is a universal checkpoint of {meta['engine']}; DeepSpeed loads it "
-                              f"into {'ZeRO-3' if saved_stage3 else 'ZeRO 1-2'} only, and this run uses "
-                              f"ZeRO-{cfg['zero_stage']}. Convert the original --to reference and --resume "
-                              "that file instead (the optimizer starts fresh)")
-        out = copy.deepcopy(cfg)
-        out["deepspeed"].setdefault("checkpoint", {})["load_universal"] = True
-        return out
-
-    @classmethod
-    def reads(cls, layout: str) -> bool:
-        return layout.startswith("deepspeed ZeRO-")
-
-    @classmethod
-    def read_model_state(cls, folder: Path, meta: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict | None]:
-        """fp32 masters from DeepSpeed's partitions (zero_to_fp32), the fp32 momentum encoder from momentum.pt;
-        no optimizer state (DeepSpeed's is partitioned)."""
-        tag = folder / _DS_TAG
-        if meta["engine"].endswith("ZeRO-0"):
-            # no partitions: the module as DeepSpeed saved it (fp32 runs: exact; 16-bit runs: rounded weights)
-            model = load_checkpoint(str(tag / "mp_rank_00_model_states.pt"))["module"]
-        else:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            model = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=_DS_TAG)
-        momentum = load_checkpoint(str(folder / "momentum.pt"))
-        for name, tensor in zip(momentum["names"], momentum["tensors"], strict=True):
-            model[f"momentum_encoder.{name}"] = tensor
-        return dict(model), None
-
-    @classmethod
-    def write_universal(cls, src: Path, out: Path, meta: dict[str, Any]) -> str:
-        """DeepSpeed's ds_to_universal of `src` into the new folder `out`, momentum.pt (fp32 momentum encoder, BN
-        statistics) beside it: loadable at any world size within its stage group (ZeRO 1-2, or 3)."""
-        if meta["engine"].endswith("ZeRO-0"):
-            super().write_universal(src, out, meta)
-        res = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                              str(src / _DS_TAG), "--output_folder", str(out / UNIVERSAL_TAG),
-                              "--inject_missing_state"],  # ZeRO 1-2: the Megatron-only client state it asks for
-                             capture_output=True, text=True)
-        if res.returncode != 0:
-            raise ValueError(f"DeepSpeed's ds_to_universal failed on {src / _DS_TAG}:\n{res.stderr[-2000:]}")
-        shutil.copy2(src / "momentum.pt", out / "momentum.pt")
-        # measured with deepspeed 0.19.8: a universal checkpoint's model files are named per stage group
-        return "ZeRO-3" if meta["engine"].endswith("ZeRO-3") else "ZeRO-1 or ZeRO-2"
-
-    # -- building -------------------------------------------------------------------------------------
-    def __init__(self, model: MoCo, optimizer: str, weight_decay: float, config: dict[str, Any],
-                 ctx: DistContext) -> None:
+    def __init__(self, model: TrainModule, optimizer: OptimizerSpec, config: DeepSpeedConfig, ctx: DistContext,
+                 initial: InitialState | None = None) -> None:
         import deepspeed
 
-        self.ctx = ctx
-        ds_cfg = copy.deepcopy(config["deepspeed"])
+        self.ctx, self.model = ctx, model
+        ds_cfg = copy.deepcopy(config.deepspeed)
         if "auto" in (ds_cfg.get(k) for k in BATCH_KEYS):
             raise ConfigError("engine config: batch fields are still \"auto\"; load it with the global batch")
         self.precision = resolve_config_precision(ds_cfg, ctx.device)
-        self.stage = config["zero_stage"]
-        if optimizer == "lars" and (self.stage > 0 or self.precision != "fp32"):
+        self.stage = config.zero_stage
+        if optimizer.name == "lars" and (self.stage > 0 or self.precision != "fp32"):
             raise ConfigError(f"LARS needs the norm of whole parameters, but ZeRO stage {self.stage} "
                               f"({self.precision}) hands the optimizer flat partitions; use ZeRO stage 0 in fp32, "
                               "an FSDP config (ds_configs/fsdp.json), or --optimizer adamw")
-        apply_activation_checkpointing(model, config["activation_checkpointing"])
-        # ZeRO-3 gathers parameters per module by hooks: the phased form of chunking (models/chunking.py)
-        self._chunks = None
-        if self.stage == 3 and config["backbone_chunk"]:
-            model.check_backbone_chunk(config["backbone_chunk"])
-            self._chunks = "pending"  # built once DeepSpeed wraps the model, below
-        else:
-            model.set_backbone_chunk(config["backbone_chunk"])
-        model.to(ctx.device)
-        # fp32 values of frozen base/predictor parameters (fixed position embedding, stop-grad conv1):
-        # DeepSpeed keeps no fp32 master of them, and they never change
-        self._frozen = {n: p.detach().clone() for n, p in model.named_parameters()
-                        if not p.requires_grad and not n.startswith("momentum_encoder.")}
-        trainable = model.trainable_parameters()
-        # the momentum encoder's own fp32 values (equal to the base at a fresh start, not on a resume from a
-        # reference file): taken before DeepSpeed casts or partitions the module
-        momentum_init = [m.detach().float().cpu().clone() for _, m, _ in model.momentum_pairs()]
-        self.optimizer = build_optimizer(optimizer, trainable, weight_decay)
+        self._dtype = self.input_dtype = DTYPES[self.precision] if self.precision != "fp32" else None
         # a plain process (no launcher) has a group of one but none of the variables DeepSpeed checks for
         for key, value in (("LOCAL_RANK", ctx.local_rank), ("RANK", ctx.rank), ("WORLD_SIZE", ctx.world_size)):
             os.environ.setdefault(key, str(value))
+        # DeepSpeed's comm on this process group, before zero.Init reads the world size from it (below)
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+        state = take_state(model, initial)
+        # ZeRO-3 gathers parameters per module by hooks: the phased form of chunking (models/chunking.py)
+        prepare(model, config, phased_chunks=self.stage == 3, shard=lambda: self._place(model, state, ds_cfg))
+        # fp32 values of frozen base/predictor parameters (fixed position embedding, stop-grad conv1): DeepSpeed
+        # keeps no fp32 master of them and casts the module; this rank's partition of each under ZeRO-3
+        self._frozen = {n: self._mine(state.tensor(n)) for n, p in model.named_parameters()
+                        if not p.requires_grad and not n.startswith("momentum_encoder.")}
+        trainable = model.trainable_parameters()
+        self.optimizer = optimizer.build(model)
         self.ds, self._ds_optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=self.optimizer, model_parameters=trainable, config=ds_cfg,
             dist_init_required=False)
         _unlink_shm_allreduce_buffer(ctx.rank)
-        self.model = model
         for bn in (m for m in model.modules() if isinstance(m, _BatchNorm)):  # statistics stay fp32
             for name in ("running_mean", "running_var"):
                 buf = getattr(bn, name)
                 if buf is not None and buf.dtype != torch.float32:
                     setattr(bn, name, buf.float())
-        self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         pairs = model.momentum_pairs()
         self._pairs = [(m, b) for _, m, b in pairs]
         self._momentum_names = [name for name, _, _ in pairs]
         self._master_by_id = zero0_masters(self._ds_optimizer) if self.stage == 0 and self._dtype else {}
         self.momentum = momentum_layout(self._pairs, ctx, self._ds_optimizer, self.stage, self._dtype)
-        with torch.no_grad():
-            self.momentum.load(momentum_init)
-        if self._chunks == "pending":
-            self._chunks = PhasedChunks(_ThroughEngine(self.ds, model), config["backbone_chunk"])
+        with torch.no_grad():  # the momentum encoder's own fp32 values, one tensor at a time
+            self.momentum.load(state.tensor(f"momentum_encoder.{n}") for n in self._momentum_names)
+        self._through = _ThroughEngine(self.ds, model)
+        self._chunks = PhasedChunks(self._through, config.backbone_chunk) if self.stage == 3 and \
+            config.backbone_chunk else None
+
+    def _place(self, model: TrainModule, state: InitialState, ds_cfg: dict[str, Any]) -> None:
+        """ZeRO-3: one unit at a time, in the module's dtype, partitioned as if built under zero.Init (what
+        deepspeed.initialize expects of such a model); ZeRO 0-2: the whole fp32 model, cast by DeepSpeed."""
+        if self.stage < 3:
+            materialize_whole(model, state, self.ctx.device)
+            return
+        import deepspeed
+
+        materialize_units(model, state, self.ctx.device, self._dtype,
+                          lambda unit: deepspeed.zero.Init(module=unit, config_dict_or_path=ds_cfg))
+
+    def _mine(self, full: torch.Tensor) -> torch.Tensor:
+        """An fp32 copy of `full` (CPU), or under ZeRO-3 of this rank's flat ceil(n / world) partition of it."""
+        flat = full.detach().reshape(-1).to(self.ctx.device, torch.float32)
+        if self.stage < 3:
+            return flat.view(full.shape).clone()
+        n = math.ceil(flat.numel() / self.ctx.world_size)
+        part = torch.zeros(n, dtype=torch.float32, device=flat.device)
+        start = self.ctx.rank * n
+        mine = flat[start:start + n]
+        part[:mine.numel()] = mine
+        return part
 
     @torch.no_grad()
     def update_momentum(self, m: float) -> None:
-        self.momentum.update(m)
+        if self._pairs:
+            self.momentum.update(m)
 
     # -- training step ----------------------------------------------------------------------------
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        x1 = x1.to(self.ctx.device, dtype=self._dtype, non_blocking=True)
-        x2 = x2.to(self.ctx.device, dtype=self._dtype, non_blocking=True)
-        return self.ds(x1, x2) if self._chunks is None else self._chunks.forward(x1, x2)
+    def forward(self, *batch: torch.Tensor) -> torch.Tensor:
+        batch = self.inputs(batch)
+        return self.ds(*batch) if self._chunks is None else self._chunks.forward(*batch)
 
     def backward(self, loss: torch.Tensor) -> None:
         if self._chunks is None:
@@ -254,9 +192,18 @@ class DeepSpeedEngine(Engine):
         norm = grad.float().norm().item()  # fp16: still multiplied by the loss scale, which step() divides out
         return norm / self._ds_optimizer.loss_scale if self.precision == "fp16" else norm
 
+    @torch.no_grad()
+    def call(self, method: str, *inputs: torch.Tensor) -> torch.Tensor:
+        training = self.model.training
+        self.model.eval()
+        try:
+            return self._through.call(method, *self.inputs(inputs))
+        finally:
+            self.model.train(training)
+
     # -- state --------------------------------------------------------------------------------------
     def _full_base(self, p: torch.nn.Parameter) -> torch.Tensor:
-        """The fp32 master of a trainable base/predictor parameter (a collective in 16-bit or ZeRO-3)."""
+        """The fp32 master of a trainable parameter (a collective in 16-bit or ZeRO-3)."""
         from deepspeed.utils import safe_get_full_fp32_param
 
         if self.stage < 3 and self._dtype is None:
@@ -264,6 +211,15 @@ class DeepSpeedEngine(Engine):
         if id(p) in self._master_by_id:
             return self._master_by_id[id(p)].detach()
         return safe_get_full_fp32_param(p)
+
+    def _full_frozen(self, name: str, p: torch.nn.Parameter) -> torch.Tensor:
+        """A frozen parameter's fp32 value (ZeRO-3: its partitions gathered, a collective)."""
+        mine = self._frozen[name]
+        if self.stage < 3:
+            return mine
+        gathered = torch.empty(mine.numel() * self.ctx.world_size, dtype=torch.float32, device=mine.device)
+        all_gather_flat(gathered, mine)
+        return gathered[:p.ds_numel].view(p.ds_shape)
 
     def _full_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, whole fp32 tensor) for the model's state dict, one at a time: each may be a collective."""
@@ -274,15 +230,15 @@ class DeepSpeedEngine(Engine):
             if name not in params:
                 yield name, self.model.get_buffer(name).detach()
             elif name in self._frozen:
-                yield name, self._frozen[name]
+                yield name, self._full_frozen(name, params[name])
             elif name.startswith("momentum_encoder."):
                 twin = "base_encoder." + name.removeprefix("momentum_encoder.")
-                yield name, momentum[name] if name in momentum else self._frozen[twin]
+                yield name, momentum[name] if name in momentum else self._full_frozen(twin, params[twin])
             else:
                 yield name, self._full_base(params[name])
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """fp32 masters of the base encoder and predictor, the fp32 momentum encoder, fp32 BN statistics."""
+        """fp32 masters of the trained parameters, the fp32 momentum encoder, fp32 BN statistics."""
         return dict(self._full_tensors())
 
     def reference_state(self) -> dict[str, Any] | None:
@@ -297,12 +253,12 @@ class DeepSpeedEngine(Engine):
     def save(self, path: str) -> None:
         """DeepSpeed's own sharded format under path/deepspeed, plus the fp32 momentum encoder in momentum.pt:
         DeepSpeed keeps no fp32 copy of it (in 16-bit modes its module weights are rounded)."""
-        self.ds.save_checkpoint(path, tag=_DS_TAG, save_latest=False)
+        self.ds.save_checkpoint(path, tag=DS_TAG, save_latest=False)
         momentum = [t.detach().to("cpu", copy=True) for t in self.momentum.full()]  # a collective
         if self.ctx.is_main:  # BN statistics too: a universal checkpoint carries trainable parameters only
             buffers = {n: b.detach().cpu().clone() for n, b in self.model.named_buffers()}
             torch.save({"names": self._momentum_names, "tensors": momentum, "buffers": buffers},
-                       os.path.join(path, "momentum.pt"))
+                       os.path.join(path, MOMENTUM_FILE))
 
     def load(self, path: str, saved_world_size: int) -> None:
         universal = self.ds.load_universal_checkpoint()
@@ -316,14 +272,14 @@ class DeepSpeedEngine(Engine):
                 f"universal checkpoint (moco-scale convert --to universal {path} OUT) and --resume OUT, optimizer "
                 f"state included, or consolidate it (moco-scale convert --to reference {path} full.pth.tar) and "
                 "--resume full.pth.tar (the optimizer starts fresh), or resume with the same number of ranks")
-        tag = UNIVERSAL_TAG if universal else _DS_TAG
+        tag = UNIVERSAL_TAG if universal else DS_TAG
         loaded, _ = self.ds.load_checkpoint(path, tag=tag, load_optimizer_states=True,
                                             load_lr_scheduler_states=False)
         if loaded is None:
             raise ValueError(f"checkpoint {path}: DeepSpeed found no state under {os.path.join(path, tag)}")
-        saved = load_checkpoint(os.path.join(path, "momentum.pt"))
+        saved = load_checkpoint(os.path.join(path, MOMENTUM_FILE))
         if saved["names"] != self._momentum_names:
-            raise ValueError(f"checkpoint {path}/momentum.pt holds another model's momentum encoder")
+            raise ValueError(f"checkpoint {path}/{MOMENTUM_FILE} holds another model's momentum encoder")
         with torch.no_grad():
             self.momentum.load(saved["tensors"])
             for name, value in saved.get("buffers", {}).items():
@@ -336,4 +292,61 @@ class DeepSpeedEngine(Engine):
             self.ds.destroy()
         self.ds = self._ds_optimizer = self.optimizer = None
         self.momentum = None
+        self._through = None
         gc.collect()
+
+    # -- the planner's model --------------------------------------------------------------------------
+    @classmethod
+    def state_bytes(cls, shapes: Shapes, cfg: DeepSpeedConfig, world: int, rank: int, precision: str,
+                    optimizer: str) -> dict[str, int]:
+        """Per stage: whole (ZeRO-0; in 16 bits beside whole fp32 masters), flat optimizer partitions padded to
+        2 x world (ZeRO-1/2, with gradients in ZeRO-2's), or per-parameter ceil(n / world) slices of everything
+        (ZeRO-3); the momentum encoder's fp32 copy where the module holds 16 bits."""
+        low = precision in ("bf16", "fp16")
+        c = 2 if low else 4
+        moments, steps = optimizer_state(optimizer)
+        n_t, n_f, n_m = numel(shapes.trainable), numel(shapes.frozen), numel(shapes.momentum)
+        stage = cfg.zero_stage
+        if stage == 0 and not low:
+            return {"parameters": 4 * (n_t + n_f), "gradients": 4 * n_t, "momentum": 4 * n_m,
+                    "optimizer": 4 * moments * n_t + steps * len(shapes.trainable)}
+        if stage == 0:  # 16-bit module, whole fp32 masters (and an fp32 momentum copy) on every rank
+            return {"parameters": c * (n_t + n_f), "gradients": c * n_t,
+                    "momentum": c * n_m + 4 * numel(shapes.momentum_twins),
+                    "optimizer": 4 * n_t + 4 * moments * n_t + steps * len(shapes.trainable)}
+        if stage in (1, 2):
+            align = 2 * world
+            part = math.ceil(n_t / align) * align // world
+            fragments = max(0, min(part, numel(shapes.momentum_twins) - rank * part)) if low else 0
+            return {"parameters": c * (n_t + n_f), "gradients": c * part, "momentum": c * n_m + 4 * fragments,
+                    "optimizer": 4 * part + 4 * moments * part + steps}
+        part = z3_part(shapes.trainable, world)
+        offload = bool(cfg.deepspeed.get("zero_optimization", {}).get("offload_optimizer"))
+        return {"parameters": c * (part + z3_part(shapes.frozen, world)), "gradients": c * part,
+                "momentum": c * z3_part(shapes.momentum, world) + (4 * z3_part(shapes.momentum_twins, world)
+                                                                      if low else 0),
+                "optimizer": 0 if offload else 4 * part + 4 * moments * part + steps}
+
+    @classmethod
+    def comm_bytes(cls, shapes: Shapes, cfg: DeepSpeedConfig, world: int, precision: str, chunks: int) -> int:
+        """ZeRO-0: an all-reduce of the gradients; ZeRO-1/2: a reduce-scatter of them and an all-gather of the
+        updated parameters, and in 16 bits one all-gather of the momentum fragments; ZeRO-3: per chunk, the
+        parameters gathered in forward and backward, the momentum encoder's, and the gradients reduce-scattered."""
+        low = precision in ("bf16", "fp16")
+        p = 2 if low else 4
+        n_t, n_m = numel(shapes.trainable) + numel(shapes.frozen), numel(shapes.momentum)
+        if cfg.zero_stage == 0:
+            return int(2 * ring(world) * numel(shapes.trainable) * p)
+        if cfg.zero_stage in (1, 2):
+            momentum = ring(world) * numel(shapes.momentum_twins) * 2 if low else 0  # one all-gather, 16-bit
+            return int(ring(world) * numel(shapes.trainable) * (p + p) + momentum)
+        grads = ring(world) * numel(shapes.trainable) * p
+        return int(ring(world) * (chunks * 2 * n_t * p + chunks * n_m * p) + chunks * grads)
+
+    @classmethod
+    def buffer_bytes(cls, shapes: Shapes, cfg: DeepSpeedConfig, precision: str, chunk: int) -> int:
+        """ZeRO 1-3's reduce bucket."""
+        if cfg.zero_stage == 0:
+            return 0
+        zero = cfg.deepspeed.get("zero_optimization", {})
+        return int(zero.get("reduce_bucket_size", 5e8)) * (2 if precision != "fp32" else 4)

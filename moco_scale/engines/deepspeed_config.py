@@ -5,25 +5,35 @@ bf16/fp16 sections resolved by the engines' one precision rule."""
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from moco_scale.config import ConfigError, validate
+from moco_scale.config import ConfigError, from_mapping
 from moco_scale.engines.base import resolve_precision
+from moco_scale.engines.config import DeepSpeedConfig
 
-#: moco-scale's own keys, in a "moco_scale" section that is removed before DeepSpeed reads the file
-MOCO_SCALE_DEFAULTS: dict[str, Any] = {"activation_checkpointing": 0, "backbone_chunk": 0, "compile": False}
+
+@dataclass(frozen=True)
+class MocoScaleSection:
+    """moco-scale's own keys, in a "moco_scale" section that is removed before DeepSpeed reads the file."""
+
+    activation_checkpointing: int = 0
+    backbone_chunk: int = 0
+    compile: bool = False
+
+
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
 def resolve_deepspeed_config(raw: dict[str, Any], source: str, global_batch: int | None,
-                             world: int) -> dict[str, Any]:
+                             world: int) -> DeepSpeedConfig:
     """The engine config for a DeepSpeed JSON: its "auto" batch fields filled from -b and the world
     size (numbers must agree with them), clipping off unless asked for, moco-scale's section split off."""
     cfg = copy.deepcopy(raw)
-    ours = validate(cfg.pop("moco_scale", {}), MOCO_SCALE_DEFAULTS, {}, f"engine config {source}: section 'moco_scale'")
-    if ours["compile"] or "compile" in cfg:
+    ours = from_mapping(MocoScaleSection, cfg.pop("moco_scale", {}), f"engine config {source}: section 'moco_scale'")
+    if ours.compile or "compile" in cfg:
         raise ConfigError(f"engine config {source}: compile is not offered under DeepSpeed: its compile path "
                           "(engine.compile()) compiles the whole engine-wrapped module, where ZeRO's parameter "
                           "hooks and moco-scale's momentum update in the partitions would run inside graphs that "
@@ -70,7 +80,8 @@ def resolve_deepspeed_config(raw: dict[str, Any], source: str, global_batch: int
                              else "") for k in unknown]
         raise ConfigError(f"engine config {source}: unknown top-level key(s) {', '.join(hints)}: DeepSpeed "
                           "ignores keys it does not know, so a misspelled section would silently do nothing")
-    return {"engine": "deepspeed", "zero_stage": stage, **ours, "deepspeed": cfg}
+    return DeepSpeedConfig(zero_stage=stage, activation_checkpointing=ours.activation_checkpointing,
+                           backbone_chunk=ours.backbone_chunk, deepspeed=cfg)
 
 
 class _ReadKeys(dict):

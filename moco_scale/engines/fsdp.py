@@ -4,135 +4,132 @@ The plan, as torchtitan's `parallelize`: one FSDP unit per backbone block, one p
 rest in the root. Base and momentum encoders get the same plan, so each parameter of one has
 the same dim-0 shard as its twin in the other: the momentum update is a `lerp_` of local
 shards, fp32 (FSDP keeps sharded parameters in fp32 and casts only the gathered copies), with
-no communication, as in DINOv2's teacher.
+no communication, as in DINOv2's teacher. The model is sharded on the meta device and its local
+shards filled afterwards (engines/prepare.py): no rank holds the whole model.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor
 
 from moco_scale.dist import DistContext
-from moco_scale.engines import dcp
-from moco_scale.engines.activation_checkpointing import apply_activation_checkpointing
-from moco_scale.engines.base import PRECISIONS, Engine, resolve_precision
-from moco_scale.engines.compile import compile_blocks
-from moco_scale.models import MoCo, backbone_blocks, projector
-from moco_scale.models.chunking import PhasedChunks
-from moco_scale.models.moco import PHASES
-from moco_scale.optim import build_optimizer, local_shard
+from moco_scale.engines.base import DTYPES, SCALER, resolve_precision
+from moco_scale.engines.config import EngineConfig, FSDPConfig
+from moco_scale.engines.memory import Shapes, fsdp_shard, numel, optimizer_state, ring
+from moco_scale.engines.prepare import materialize_shards, prepare, take_state
+from moco_scale.engines.torch_engine import TorchEngine
+from moco_scale.models.chunking import PHASES, PhasedChunks
+from moco_scale.models.init import InitialState
+from moco_scale.models.parts import Part, TrainModule
+from moco_scale.optim import OptimizerSpec, local_shard
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
+#: model methods an evaluation calls through the root's hooks (engine.call), beside the phases (each registered once)
+EVAL_METHODS = ("features",)
 
 
-class FSDPEngine(dcp.DCPCheckpoints, Engine):
+class FSDPEngine(TorchEngine):
     """FSDP2 full shard (`reshard_after_forward: true`) or gradient/optimizer sharding only (false)."""
 
     name = "fsdp"
-    DEFAULTS = {"engine": "fsdp", "precision": "auto", "reshard_after_forward": True, "reduce_dtype": "fp32",
-                "activation_checkpointing": 0, "backbone_chunk": 0, "compile": False}
-    CHOICES = {"engine": ("fsdp",), "precision": PRECISIONS, "reduce_dtype": ("fp32", "bf16", "fp16")}
-    needs_process_group = True
 
-    def __init__(self, model: MoCo, optimizer: str, weight_decay: float, config: dict[str, Any],
-                 ctx: DistContext) -> None:
-        self.ctx = ctx
-        self.precision = resolve_precision(config["precision"], ctx.device)
-        apply_activation_checkpointing(model, config["activation_checkpointing"])
-        compile_blocks(model, config["compile"])  # after checkpointing, before sharding, as torchtitan
-        model.check_backbone_chunk(config["backbone_chunk"])
-        self.model = model.to(ctx.device)
-        mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
-        policy = MixedPrecisionPolicy()
-        if self.precision != "fp32":
-            policy = MixedPrecisionPolicy(param_dtype=_DTYPES[self.precision],
-                                          reduce_dtype=_DTYPES[config["reduce_dtype"]])
-        shard = dict(mesh=mesh, mp_policy=policy)
-        self._reshard_after_forward = config["reshard_after_forward"]  # the chunked step changes and restores it
-        for encoder in (model.base_encoder, model.momentum_encoder):  # the same plan for both
-            for unit in (*backbone_blocks(encoder), projector(encoder)):
-                fully_shard(unit, **shard, reshard_after_forward=self._reshard_after_forward)
-        fully_shard(model.predictor, **shard, reshard_after_forward=self._reshard_after_forward)
-        fully_shard(model, **shard, reshard_after_forward=self._reshard_after_forward)
+    def __init__(self, model: TrainModule, optimizer: OptimizerSpec, config: FSDPConfig, ctx: DistContext,
+                 initial: InitialState | None = None) -> None:
+        self.ctx, self.model, self.module = ctx, model, model
+        self.precision = resolve_precision(config.precision, ctx.device)
+        self._reshard_after_forward = config.reshard_after_forward  # the chunked step changes and restores it
+        state = take_state(model, initial)
+        parts = model.parts()
+        prepare(model, config, phased_chunks=True, shard=lambda: self._shard(model, parts, config))
+        materialize_shards(model, state, ctx.device)
         #: units the engine reshards itself, after forward and after backward (see _keep_gathered)
         self._reshard_after_forward_units: list[torch.nn.Module] = []
         self._reshard_after_backward_units: list[torch.nn.Module] = []
-        if not config["backbone_chunk"]:  # a chunked step runs in phases, and keeps its blocks gathered across them
-            self._prefetch(model)
+        if not config.backbone_chunk:  # a chunked step runs in phases, and keeps its blocks gathered across them
+            self._prefetch(model, parts)
         if self._reshard_after_forward:
             self._reshard_after_forward_units, self._reshard_after_backward_units = self._keep_gathered(
-                model, last_block=not config["backbone_chunk"])
+                parts, last_block=not config.backbone_chunk)
         self._pairs = [(m, b) for _, m, b in model.momentum_pairs()]
-        self._chunks = None
-        if config["backbone_chunk"]:
-            for method in PHASES:  # the root's hooks (gather, reshard) run around each phase, as around forward
+        for method in (*PHASES, *EVAL_METHODS):  # the root's hooks (gather, reshard) run around each, as forward
+            if hasattr(model, method):
                 register_fsdp_forward_method(model, method)
-            self._chunks = PhasedChunks(self.model, config["backbone_chunk"])
-        # the units a chunked pass runs once per chunk: the backbone blocks and the root (patch embedding, tokens,
-        # final norm); the heads and the predictor run once per step
-        self._base_units = [model, *backbone_blocks(model.base_encoder)]
-        self._momentum_units = backbone_blocks(model.momentum_encoder)
-        self.optimizer = build_optimizer(optimizer, model.trainable_parameters(), weight_decay)
-        self.scaler = None
+        self._chunks = PhasedChunks(model, config.backbone_chunk) if config.backbone_chunk else None
+        # the units a chunked pass runs once per chunk: the training part's blocks and the root (patch embedding,
+        # tokens, final norm); the heads and the predictor run once per step
+        self._base_units = [model, *(b for p in parts if p.trains for b in p.blocks)]
+        self._momentum_units = [b for p in parts if not p.trains for b in p.blocks]
+        self.optimizer = optimizer.build(model)
         if self.precision == "fp16":
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-            self.scaler = ShardedGradScaler(init_scale=2.0**16, growth_interval=2000)
+            self.scaler = ShardedGradScaler(**SCALER)
+
+    def _shard(self, model: TrainModule, parts: list[Part], config: FSDPConfig) -> None:
+        """One unit per block and per head of every part (twins get the same plan), then the root."""
+        mesh = init_device_mesh(self.ctx.device.type, (self.ctx.world_size,))
+        policy = MixedPrecisionPolicy()
+        if self.precision != "fp32":
+            policy = MixedPrecisionPolicy(param_dtype=DTYPES[self.precision],
+                                          reduce_dtype=DTYPES[config.reduce_dtype])
+        shard = dict(mesh=mesh, mp_policy=policy, reshard_after_forward=self._reshard_after_forward)
+        for part in parts:
+            for unit in (*part.blocks, *part.heads):
+                fully_shard(unit, **shard)
+        fully_shard(model, **shard)
 
     @staticmethod
-    def _prefetch(model: MoCo) -> None:
+    def _prefetch(model: TrainModule, parts: list[Part]) -> None:
         """Explicit prefetch, as torchtitan and DINOv3: each block's forward issues the next unit's all-gather
-        (the momentum encoder's no-grad forward too), each base block's backward the previous block's. A ViT
-        runs in one order, blocks -> head -> predictor -> momentum blocks -> momentum head; a ResNet runs each
-        view through its blocks, so there only block to block."""
-        base = backbone_blocks(model.base_encoder)
-        for block, previous in zip(base[1:], base, strict=False):  # the momentum encoder has no backward
-            block.set_modules_to_backward_prefetch([previous])
+        (a momentum encoder's no-grad forward too), each training block's backward the previous block's. A ViT
+        runs in one order, blocks -> heads (projector, predictor) -> momentum blocks -> momentum head; a ResNet
+        runs each view through its blocks, so there only block to block."""
+        for part in (p for p in parts if p.trains):  # a momentum encoder has no backward
+            for block, previous in zip(part.blocks[1:], part.blocks, strict=False):
+                block.set_modules_to_backward_prefetch([previous])
         order: list[torch.nn.Module] = []
-        for encoder in (model.base_encoder, model.momentum_encoder):
-            blocks = backbone_blocks(encoder)
-            order += [*blocks, projector(encoder), *([model.predictor] if encoder is model.base_encoder else [])]
+        for part in parts:
+            order += [*part.blocks, *part.heads]
             if not model.batch_views:
-                for block, nxt in zip(blocks, blocks[1:], strict=False):
+                for block, nxt in zip(part.blocks, part.blocks[1:], strict=False):
                     block.set_modules_to_forward_prefetch([nxt])
         if model.batch_views:
             for unit, nxt in zip(order, order[1:], strict=False):
                 unit.set_modules_to_forward_prefetch([nxt])
 
     @staticmethod
-    def _keep_gathered(model: MoCo, last_block: bool) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
+    def _keep_gathered(parts: list[Part], last_block: bool) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
         """Units not resharded where resharding would only cost another gather (as torchtitan keeps its last
-        block): the base encoder's last block runs again in backward soon after its forward (FSDP2 reshards it
-        after its backward); the heads and the predictor run once per view, twice in forward and twice in
-        backward, so they stay gathered through both (the engine reshards the base head and the predictor
-        after backward, the momentum head, which has no backward, after forward). Measured on the tiny ViT
-        at world 2: 19 -> 11 all-gathers per step. The chunked step keeps its blocks gathered itself
-        (`last_block` False). Returns (units to reshard after forward, after backward)."""
-        base_heads = [projector(model.base_encoder), model.predictor]
-        last = backbone_blocks(model.base_encoder)[-1:] if last_block else []
-        for unit in (*last, *base_heads, projector(model.momentum_encoder)):
-            unit.set_reshard_after_forward(False, recurse=False)
-        for unit in base_heads:
-            unit.set_reshard_after_backward(False, recurse=False)
-        return [projector(model.momentum_encoder)], base_heads
+        block): a training part's last block runs again in backward soon after its forward (FSDP2 reshards it
+        after its backward); heads run once per view, twice in forward and twice in backward, so they stay
+        gathered through both (the engine reshards a training part's heads after backward, a momentum head,
+        which has no backward, after forward). Measured on the tiny ViT at world 2: 19 -> 11 all-gathers per
+        step. The chunked step keeps its blocks gathered itself (`last_block` False). Returns (units to
+        reshard after forward, after backward)."""
+        after_forward, after_backward = [], []
+        for part in parts:
+            last = part.blocks[-1:] if last_block and part.trains else []
+            for unit in (*last, *part.heads):
+                unit.set_reshard_after_forward(False, recurse=False)
+            if part.trains:
+                for unit in part.heads:
+                    unit.set_reshard_after_backward(False, recurse=False)
+                after_backward += part.heads
+            else:
+                after_forward += part.heads
+        return after_forward, after_backward
 
     @torch.no_grad()
     def update_momentum(self, m: float) -> None:
         # frozen base parameters (fixed position embedding, stop-grad conv1) never change, nor do their twins
-        momentum, base = [local_shard(p) for p, _ in self._pairs], [local_shard(p) for _, p in self._pairs]
-        torch._foreach_lerp_(momentum, base, 1.0 - m)
+        if self._pairs:
+            momentum, base = [local_shard(p) for p, _ in self._pairs], [local_shard(p) for _, p in self._pairs]
+            torch._foreach_lerp_(momentum, base, 1.0 - m)
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x1.to(self.ctx.device, non_blocking=True), x2.to(self.ctx.device, non_blocking=True)
-        loss = self.model(x1, x2) if self._chunks is None else self._chunked_forward(x1, x2)
+    def forward(self, *batch: torch.Tensor) -> torch.Tensor:
+        batch = self.inputs(batch)
+        loss = self.model(*batch) if self._chunks is None else self._chunked_forward(*batch)
         for unit in self._reshard_after_forward_units:
             unit.reshard()
         return loss
@@ -168,27 +165,35 @@ class FSDPEngine(dcp.DCPCheckpoints, Engine):
             unit.set_requires_gradient_sync(not on, recurse=False)
             unit.set_reshard_after_backward(not on, recurse=False)
 
-    def step(self, lr: float) -> None:
-        self.set_lr(lr)
-        if self.scaler is None:
-            self.optimizer.step()
-        else:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+    @torch.no_grad()
+    def call(self, method: str, *inputs: torch.Tensor) -> torch.Tensor:
+        out = super().call(method, *inputs)
+        for unit in self._reshard_after_forward_units + self._reshard_after_backward_units:
+            unit.reshard()  # kept gathered for a training step's backward, which an evaluation does not run
+        return out
 
-    def grad_norm(self, name: str) -> float:
-        grad = self.model.get_parameter(name).grad
-        if grad is None:
-            return 0.0
-        norm = _full(grad.float().norm()).item()  # a DTensor's norm is reduced over the shards
-        return norm / self.scaler.get_scale() if self.scaler is not None else norm
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every rank gathers every tensor (a collective in the same order everywhere)."""
-        return {k: _full(v) for k, v in self.model.state_dict().items()}
+    # -- the planner's model --------------------------------------------------------------------------
+    @classmethod
+    def state_bytes(cls, shapes: Shapes, cfg: EngineConfig, world: int, rank: int, precision: str,
+                    optimizer: str) -> dict[str, int]:
+        """FSDP2's dim-0 row shards; parameters stay fp32 (only the gathered copies are cast)."""
+        moments, steps = optimizer_state(optimizer)
+        local = lambda shapes_: sum(fsdp_shard(s, world, rank) for s in shapes_)  # noqa: E731
+        t = local(shapes.trainable)
+        return {"parameters": 4 * (t + local(shapes.frozen)), "gradients": 4 * t,
+                "momentum": 4 * local(shapes.momentum), "optimizer": 4 * moments * t + steps * len(shapes.trainable)}
 
     @classmethod
-    def label(cls, cfg: dict[str, Any]) -> str:
-        return "fsdp full shard" if cfg["reshard_after_forward"] else "fsdp grad/optimizer shard"
+    def comm_bytes(cls, shapes: Shapes, cfg: FSDPConfig, world: int, precision: str, chunks: int) -> int:
+        """All-gathers of the parameters (the base twice with full shard, unless chunked), the momentum encoder's,
+        and one reduce-scatter of the gradients."""
+        p = 2 if precision in ("bf16", "fp16") else 4
+        reduce = 4 if cfg.reduce_dtype == "fp32" else 2
+        n_t, n_m = numel(shapes.trainable) + numel(shapes.frozen), numel(shapes.momentum)
+        base_gathers = 1 if chunks > 1 or not cfg.reshard_after_forward else 2
+        return int(ring(world) * (base_gathers * n_t * p + n_m * p + numel(shapes.trainable) * reduce))
 
+    @classmethod
+    def buffer_bytes(cls, shapes: Shapes, cfg: EngineConfig, precision: str, chunk: int) -> int:
+        """While chunking, the backbone stays gathered (compute dtype) with fp32 gradient sums."""
+        return numel(shapes.trainable) * ((2 if precision != "fp32" else 4) + 4) if chunk else 0

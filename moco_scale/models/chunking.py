@@ -13,8 +13,8 @@ Two forms, one per kind of engine:
   parameter, so gradient hooks (DDP's all-reduce, ZeRO's reduce-scatter) fire once per step.
 - `PhasedChunks` (FSDP, ZeRO-3: parameters gathered per block by hooks, which break when a
   backward runs inside another backward): the step is split into separate engine forward and
-  backward calls through the wrapped module (`MoCo.forward(part=...)`), as gradient accumulation
-  does, with the engine deciding per chunk whether to reduce and reshard.
+  backward calls through the wrapped module (the phase methods of `ChunkPhases`, which MoCo inherits),
+  as gradient accumulation does, with the engine deciding per chunk whether to reduce and reshard.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ from typing import Protocol
 
 import torch
 
+from moco_scale.loss import symmetric_loss
+from moco_scale.models.parts import backbone_features, projector
+
 
 class Phases(Protocol):
     """The MoCo methods a phased step calls (an engine hands the model, or an adapter through its wrapper)."""
@@ -31,6 +34,37 @@ class Phases(Protocol):
     def base_features(self, crops: torch.Tensor) -> torch.Tensor: ...
     def momentum_features(self, crops: torch.Tensor) -> torch.Tensor: ...
     def loss_from_features(self, features: torch.Tensor, momentum_features: torch.Tensor) -> torch.Tensor: ...
+
+
+class ChunkPhases:
+    """The phase methods of MoCo a phased chunked step calls one at a time, through the engine's wrapped module
+    (MoCo inherits them; `PHASES` names them for the engines that route them)."""
+
+    base_encoder: torch.nn.Module
+    momentum_encoder: torch.nn.Module
+    predictor: torch.nn.Module
+    temperature: float
+
+    def base_features(self, crops: torch.Tensor) -> torch.Tensor:
+        """Backbone features of the base encoder (a copy: a view would carry FSDP2's hooks poorly)."""
+        return backbone_features(self.base_encoder, crops).clone()
+
+    def momentum_features(self, crops: torch.Tensor) -> torch.Tensor:
+        return backbone_features(self.momentum_encoder, crops).clone()
+
+    def loss_from_features(self, features: torch.Tensor, momentum_features: torch.Tensor) -> torch.Tensor:
+        """The loss from backbone features of both views stacked (view 1 first): heads per view, as `forward`."""
+        head = projector(self.base_encoder)
+        z1, z2 = (head(f) for f in features.chunk(2))
+        q1, q2 = self.predictor(z1), self.predictor(z2)
+        with torch.no_grad():
+            head_m = projector(self.momentum_encoder)
+            k1, k2 = (head_m(f) for f in momentum_features.chunk(2))
+        return symmetric_loss(q1, q2, k1, k2, self.temperature)
+
+
+#: the phase methods an engine routes through its wrapped module
+PHASES = ("base_features", "momentum_features", "loss_from_features")
 
 
 class _ChunkedParams(torch.autograd.Function):

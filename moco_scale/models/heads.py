@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from moco_scale.models.batchnorm import SyncBatchNorm
+
 
 def build_mlp(num_layers: int, in_dim: int, mlp_dim: int, out_dim: int, last_bn: bool = True) -> nn.Sequential:
-    """Linear(no bias) -> BN -> ReLU per hidden layer, then Linear (+ BN without affine).
+    """Linear(no bias) -> BN -> ReLU per hidden layer, then Linear (+ BN without affine); BN synced over ranks.
 
     The Sequential indices give the reference's state_dict keys (head.0.weight, head.1.*, ...).
     """
@@ -16,7 +18,7 @@ def build_mlp(num_layers: int, in_dim: int, mlp_dim: int, out_dim: int, last_bn:
         d_out = out_dim if i == num_layers - 1 else mlp_dim
         layers.append(nn.Linear(d_in, d_out, bias=False))
         if i < num_layers - 1:
-            layers += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+            layers += [SyncBatchNorm(d_out), nn.ReLU(inplace=True)]
         elif last_bn:
-            layers.append(nn.BatchNorm1d(d_out, affine=False))
+            layers.append(SyncBatchNorm(d_out, affine=False))
     return nn.Sequential(*layers)

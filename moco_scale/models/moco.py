@@ -1,4 +1,4 @@
-"""The MoCo v3 module: base encoder (+ projector), momentum encoder, predictor."""
+"""The MoCo v3 module: base encoder (+ projector), momentum encoder, predictor; its loss in forward."""
 
 from __future__ import annotations
 
@@ -11,36 +11,22 @@ from torch import nn
 
 from moco_scale.loss import symmetric_loss
 from moco_scale.models.batchnorm import has_batchnorm
-from moco_scale.models.chunking import chunked
-from moco_scale.models.resnet import resnet_features
+from moco_scale.models.chunking import ChunkPhases, chunked
+from moco_scale.models.init import Rule, mlp_rule, resnet_rule, vit_rule
+from moco_scale.models.parts import Part, TrainModule, backbone_blocks, backbone_features, head_name, projector
+
+ENCODERS = ("base_encoder", "momentum_encoder")
 
 
-def backbone_features(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The feature the projector consumes: ViT cls token after the final LayerNorm, ResNet pool."""
-    if isinstance(encoder, VisionTransformer):
-        return encoder.forward_head(encoder.forward_features(x), pre_logits=True)
-    return resnet_features(encoder, x)
-
-
-def backbone_blocks(encoder: nn.Module) -> list[nn.Module]:
-    """The repeated blocks a sharding engine wraps one by one (and activation checkpointing recomputes):
-    ViT transformer blocks, ResNet residual blocks."""
-    if isinstance(encoder, VisionTransformer):
-        return list(encoder.blocks)
-    return [block for layer in (encoder.layer1, encoder.layer2, encoder.layer3, encoder.layer4) for block in layer]
-
-
-def projector(encoder: nn.Module) -> nn.Module:
-    return encoder.head if isinstance(encoder, VisionTransformer) else encoder.fc
-
-
-class MoCo(nn.Module):
+class MoCo(ChunkPhases, TrainModule):
     """Holds the three parts under the reference's names; `forward` returns the MoCo v3 loss.
 
     Each head runs per view, so BN statistics are per view as in the reference. A backbone
     without BN (a plain ViT) takes both views as one batch, which gives the same result and
     halves the parameter gathers of a sharded engine.
     """
+
+    image_inputs = 2
 
     def __init__(self, base_encoder: nn.Module, predictor: nn.Module, temperature: float) -> None:
         super().__init__()
@@ -51,6 +37,43 @@ class MoCo(nn.Module):
         self.temperature = temperature
         self.batch_views = not has_batchnorm(_without_head(base_encoder))
         self.backbone_chunk = 0
+
+    # -- what engines ask (models/parts.py) -----------------------------------------------------------
+    def parts(self) -> list[Part]:
+        return [Part(backbone_blocks(self.base_encoder), [projector(self.base_encoder), self.predictor], True),
+                Part(backbone_blocks(self.momentum_encoder), [projector(self.momentum_encoder)], False)]
+
+    def init_rule(self, name: str) -> tuple[Rule, str]:
+        """Twins share a key (the momentum encoder starts as a copy); the heads keep torch's defaults."""
+        for prefix in ENCODERS:
+            if name == prefix or name.startswith(f"{prefix}."):
+                key = name[len(prefix) + 1:]
+                head = head_name(self.base_encoder)
+                if key == head or key.startswith(f"{head}."):
+                    return mlp_rule, key
+                return (vit_rule if isinstance(self.base_encoder, VisionTransformer)
+                        else resnet_rule(self.base_encoder)), key
+        return mlp_rule, name
+
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """What the optimizer updates: base encoder and predictor, without frozen parameters."""
+        return [(f"{prefix}.{n}", p) for prefix, part in (("base_encoder", self.base_encoder),
+                                                           ("predictor", self.predictor))
+                for n, p in part.named_parameters() if p.requires_grad]
+
+    def momentum_pairs(self) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
+        """(name in the momentum encoder, momentum parameter, base parameter) for every parameter the EMA moves:
+        the trainable ones (a frozen base parameter, the fixed position embedding or a stop-grad conv1, never
+        changes, nor does its twin). The one pairing every engine and the planner use."""
+        return [(n, m, b) for (n, m), b in zip(self.momentum_encoder.named_parameters(),
+                                               self.base_encoder.parameters(), strict=True) if b.requires_grad]
+
+    def first_layer_names(self) -> tuple[str, ...]:
+        """The trainable first layer of the base encoder (ViT patch embedding, ResNet conv1), whose gradient
+        norm the run logs: the instability the paper reports (loss dips) shows there first."""
+        params = dict(self.named_parameters())
+        return tuple(n for n in ("base_encoder.patch_embed.proj.weight", "base_encoder.conv1.weight")
+                     if n in params and params[n].requires_grad)
 
     def set_backbone_chunk(self, chunk: int) -> None:
         """Run the backbones in chunks of `chunk` images (0: off) inside `forward`; see models/chunking.py."""
@@ -64,30 +87,7 @@ class MoCo(nn.Module):
             raise ValueError("--backbone-chunk needs a backbone without BatchNorm (a ViT): chunking a ResNet "
                              "would compute its BN statistics per chunk and change the result")
 
-    def first_layer_names(self) -> tuple[str, ...]:
-        """The trainable first layer of the base encoder (ViT patch embedding, ResNet conv1), whose gradient
-        norm the run logs: the instability the paper reports (loss dips) shows there first."""
-        params = dict(self.named_parameters())
-        return tuple(n for n in ("base_encoder.patch_embed.proj.weight", "base_encoder.conv1.weight")
-                     if n in params and params[n].requires_grad)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """What the optimizer updates: base encoder and predictor, without frozen parameters."""
-        return [p for _, p in self.trainable_named_parameters()]
-
-    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """`trainable_parameters` with their names, in the same order (the optimizer state's order)."""
-        return [(f"{prefix}.{n}", p) for prefix, part in (("base_encoder", self.base_encoder),
-                                                           ("predictor", self.predictor))
-                for n, p in part.named_parameters() if p.requires_grad]
-
-    def momentum_pairs(self) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
-        """(name in the momentum encoder, momentum parameter, base parameter) for every parameter the EMA moves:
-        the trainable ones (a frozen base parameter, the fixed position embedding or a stop-grad conv1, never
-        changes, nor does its twin). The one pairing every engine and the planner use."""
-        return [(n, m, b) for (n, m), b in zip(self.momentum_encoder.named_parameters(),
-                                               self.base_encoder.parameters(), strict=True) if b.requires_grad]
-
+    # -- the algorithm ------------------------------------------------------------------------------
     @torch.no_grad()
     def update_momentum(self, m: float) -> None:
         """theta_m <- m theta_m + (1 - m) theta_b over parameters (not BN buffers), no predictor."""
@@ -119,28 +119,6 @@ class MoCo(nn.Module):
         with torch.no_grad():
             k1, k2 = self.encode(self.momentum_encoder, x1, x2)
         return symmetric_loss(q1, q2, k1, k2, self.temperature)
-
-    # the phased chunked step (models/chunking.py) runs these one at a time, through the engine's wrapped module
-    def base_features(self, crops: torch.Tensor) -> torch.Tensor:
-        """Backbone features of the base encoder (a copy: a view would carry FSDP2's hooks poorly)."""
-        return backbone_features(self.base_encoder, crops).clone()
-
-    def momentum_features(self, crops: torch.Tensor) -> torch.Tensor:
-        return backbone_features(self.momentum_encoder, crops).clone()
-
-    def loss_from_features(self, features: torch.Tensor, momentum_features: torch.Tensor) -> torch.Tensor:
-        """The loss from backbone features of both views stacked (view 1 first): heads per view, as `forward`."""
-        head = projector(self.base_encoder)
-        z1, z2 = (head(f) for f in features.chunk(2))
-        q1, q2 = self.predictor(z1), self.predictor(z2)
-        with torch.no_grad():
-            head_m = projector(self.momentum_encoder)
-            k1, k2 = (head_m(f) for f in momentum_features.chunk(2))
-        return symmetric_loss(q1, q2, k1, k2, self.temperature)
-
-
-#: the phase methods an engine routes through its wrapped module
-PHASES = ("base_features", "momentum_features", "loss_from_features")
 
 
 def _without_head(encoder: nn.Module) -> list[nn.Module]:

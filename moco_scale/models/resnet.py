@@ -1,4 +1,5 @@
-"""ResNets from torchvision with zero-init residual branches, as the reference builds them."""
+"""ResNets from torchvision with zero-init residual branches and BN synced over ranks, as the reference
+builds them (the values: models/init.py)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import torch
 from torchvision.models import resnet
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from moco_scale.models.batchnorm import SyncBatchNorm
+
 RESNET_ARCHS = {
-    "resnet50": lambda: resnet.resnet50(zero_init_residual=True),
-    "resnet18": lambda: resnet.resnet18(zero_init_residual=True),
+    "resnet50": lambda: resnet.resnet50(norm_layer=SyncBatchNorm),
+    "resnet18": lambda: resnet.resnet18(norm_layer=SyncBatchNorm),
     # one BasicBlock per stage: a ResNet small enough for tests on CPU
-    "resnet_tiny": lambda: ResNet(BasicBlock, [1, 1, 1, 1], zero_init_residual=True),
+    "resnet_tiny": lambda: ResNet(BasicBlock, [1, 1, 1, 1], norm_layer=SyncBatchNorm),
 }
 
 

@@ -1,5 +1,6 @@
-"""MoCo v3's ViT on timm's current VisionTransformer: fixed 2-D sin-cos position
-embedding, the reference's init, optional conv stem and stop-grad-conv1."""
+"""MoCo v3's ViT on timm's current VisionTransformer: fixed 2-D sin-cos position embedding, optional conv
+stem and stop-grad-conv1. Built without initialising (models/init.py gives every tensor its value), so that
+it can be built on the meta device."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import torch
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+
+from moco_scale.models.batchnorm import SyncBatchNorm
 
 
 class ViTArch(NamedTuple):
@@ -66,7 +69,7 @@ class ConvStem(nn.Module):
         c_in = in_chans
         for i in range(stages):
             c_out = embed_dim // 2 ** (stages - 1 - i)
-            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out),
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), SyncBatchNorm(c_out),
                        nn.ReLU(inplace=True)]
             c_in = c_out
         layers.append(nn.Conv2d(c_in, embed_dim, 1))
@@ -79,49 +82,27 @@ class ConvStem(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-def _init_vit(model: VisionTransformer) -> None:
-    """The reference's init: xavier Linears (qkv per D x D block), zero biases, cls ~ N(0, 1e-6),
-    patch projection xavier on its (D, C*p*p) view."""
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            if name.endswith("qkv"):
-                bound = math.sqrt(6.0 / (m.weight.shape[0] / 3 + m.weight.shape[1]))
-                nn.init.uniform_(m.weight, -bound, bound)
-            else:
-                nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-    nn.init.normal_(model.cls_token, std=1e-6)
-    proj = model.patch_embed.proj
-    if isinstance(proj, nn.Conv2d):
-        bound = math.sqrt(6.0 / (proj.weight[0].numel() + proj.weight.shape[0]))
-        nn.init.uniform_(proj.weight, -bound, bound)
-        nn.init.zeros_(proj.bias)
-
-
 def build_vit(arch: str, img_size: int = 224, patch_size: int | None = None, embed_dim: int | None = None,
-              depth: int | None = None, num_heads: int | None = None,
-              stop_grad_conv1: bool = False) -> VisionTransformer:
-    """A ViT of `arch` with optional size overrides (tests and the demo use tiny ones)."""
+              depth: int | None = None, num_heads: int | None = None, stop_grad_conv1: bool = False,
+              num_classes: int = 0, drop_path_rate: float = 0.0) -> VisionTransformer:
+    """A ViT of `arch` with optional size overrides (tests and the demo use tiny ones); uninitialised.
+    `num_classes` > 0 adds timm's Linear classifier head (fine-tuning), `drop_path_rate` stochastic depth."""
     d, n, h, p, conv = VIT_ARCHS[arch]
     d, n, h, p = embed_dim or d, depth or n, num_heads or h, patch_size or p
     if img_size % p:
         raise ValueError(f"image size {img_size} is not a multiple of the patch size {p}")
     if d % h:
         raise ValueError(f"embed dim {d} does not divide into {h} heads")
+    if d % 4:
+        raise ValueError(f"embed dim {d} must be divisible by 4 for the 2-D sin-cos position embedding")
     model = VisionTransformer(
         img_size=img_size, patch_size=p, embed_dim=d, depth=n, num_heads=h, mlp_ratio=4.0, qkv_bias=True,
-        num_classes=0, global_pool="token", class_token=True, weight_init="skip",
-        norm_layer=partial(nn.LayerNorm, eps=1e-6), embed_layer=ConvStem if conv else PatchEmbed,
+        num_classes=num_classes, global_pool="token", class_token=True, weight_init="skip",
+        drop_path_rate=drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        embed_layer=ConvStem if conv else PatchEmbed,
     )
-    gh, gw = model.patch_embed.grid_size
-    model.pos_embed = nn.Parameter(sincos_pos_embed(gh, gw, d), requires_grad=False)
-    _init_vit(model)
+    model.pos_embed.requires_grad_(False)  # fixed sin-cos (its value: models/init.py)
     if stop_grad_conv1 and not conv:
         model.patch_embed.proj.weight.requires_grad_(False)
         model.patch_embed.proj.bias.requires_grad_(False)
     return model
-

@@ -22,19 +22,12 @@ import torch
 
 from moco_scale.config import ConfigError
 from moco_scale.engines import gpu_precision, load_engine_config
-from moco_scale.engines.memory import (  # noqa: F401 - the planner's public names
-    Shapes,
-    buffer_bytes,
-    comm_bytes,
-    engine_kind,
-    model_shapes,
-    model_state_bytes,
-)
+from moco_scale.engines.memory import Shapes, model_shapes, ring
 from moco_scale.flags import fraction, nonnegative_int, positive_float, positive_int
 from moco_scale.models import ARCHS, backbone_blocks, backbone_features, build_moco, projector
 
 GIB = 2**30
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -115,21 +108,24 @@ class Setup:
 
 def estimate(model_kwargs: dict[str, Any], shapes: Shapes, profile: ActivationProfile, setup: Setup,
              global_batch: int, precision: str | None = None, optimizer: str = "adamw") -> dict[str, Any]:
+    """Per-GPU bytes of a setup: the engine's own model of its state, buffers and traffic (its class methods),
+    the activations, and the InfoNCE keys every rank gathers."""
     cfg = load_engine_config(setup.engine_config, global_batch, setup.world)
+    engine = cfg.engine_class
     prec = gpu_precision(cfg, precision)
     crops = 2 * global_batch // setup.world
-    state = model_state_bytes(shapes, cfg, setup.world, 0, prec, optimizer)
+    state = engine.state_bytes(shapes, cfg, setup.world, 0, prec, optimizer)
     chunks = math.ceil(crops / setup.chunk) if setup.chunk else 1
     acts = activation_bytes(profile, crops, setup.ac_every, setup.chunk, prec)
     acts_plain = activation_bytes(profile, crops, 0, 0, prec)
     acts_ac = activation_bytes(profile, crops, 1, setup.chunk, prec)
-    extra = buffer_bytes(shapes, cfg, prec, setup.chunk)
-    kind = engine_kind(cfg)
+    extra = engine.buffer_bytes(shapes, cfg, prec, setup.chunk)
     total = sum(state.values()) + acts + extra
-    return {"setup": setup, "engine": kind, "precision": prec, "crops_per_rank": crops, **state,
+    keys = 2 * ring(setup.world) * global_batch * model_kwargs.get("moco_dim", 256) * 4  # both views' keys
+    comm = 0 if setup.world == 1 else int(engine.comm_bytes(shapes, cfg, setup.world, prec, chunks) + keys)
+    return {"setup": setup, "engine": cfg.label, "precision": prec, "crops_per_rank": crops, **state,
             "activations": acts, "activations_no_ac": acts_plain, "activations_ac": acts_ac, "buffers": extra,
-            "total": total, "comm": comm_bytes(shapes, cfg, setup.world, prec, chunks, global_batch,
-                                               model_kwargs.get("moco_dim", 256))}
+            "total": total, "comm": comm}
 
 
 def candidate_setups(world: int, given: Setup) -> list[Setup]:
@@ -186,15 +182,20 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = args.optimizer or ("adamw" if args.arch.startswith("vit") else "lars")
     kwargs = {"arch": args.arch, "img_size": args.image_size, "moco_dim": args.moco_dim,
               "moco_mlp_dim": args.moco_mlp_dim}
-    with torch.device("meta"):
-        shapes = model_shapes(build_moco(**kwargs))
+    shapes = model_shapes(build_moco(**kwargs, seed=0, device="meta"))
     profile = activation_profile(kwargs)
-    ac = cfg.get("activation_checkpointing", 0) if args.activation_checkpointing is None \
-        else args.activation_checkpointing
-    chunk = cfg.get("backbone_chunk", 0) if args.backbone_chunk is None else args.backbone_chunk
+    ac = cfg.activation_checkpointing if args.activation_checkpointing is None else args.activation_checkpointing
+    chunk = cfg.backbone_chunk if args.backbone_chunk is None else args.backbone_chunk
     given = Setup(args.engine_config, world, ac, chunk)
     e = estimate(kwargs, shapes, profile, given, args.batch_size, args.precision, optimizer)
     budget = (1 - args.headroom) * args.gpu_memory * GIB
+    print_estimate(args, e, world, optimizer, ac, chunk, budget)
+    smallest_fit(args, kwargs, shapes, profile, world, optimizer, ac, chunk, budget)
+    return 0
+
+
+def print_estimate(args: argparse.Namespace, e: dict[str, Any], world: int, optimizer: str, ac: int, chunk: int,
+                   budget: float) -> None:
     print(f"# moco-scale plan: {args.arch} {args.image_size}px, global batch {args.batch_size} over {world} GPUs "
           f"({e['crops_per_rank']} crops per GPU), {Path(args.engine_config).name} ({e['engine']}, {e['precision']}), "
           f"{optimizer}, activation checkpointing {ac or 'off'}, backbone chunk {chunk or 'off'}")
@@ -212,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| **total** | **{_gib(e['total'])}** of {args.gpu_memory:g} ({verdict}, keeping "
           f"{100 * args.headroom:.0f}% free) |")
     print(f"| sent per GPU per step | {_gib(e['comm'])} |")
+
+
+def smallest_fit(args: argparse.Namespace, kwargs: dict[str, Any], shapes: Shapes, profile: ActivationProfile,
+                 world: int, optimizer: str, ac: int, chunk: int, budget: float) -> None:
+    """The first setup that fits, searching 1, 2, 4, ... GPUs, least recomputation first."""
     for w in sorted({2**k for k in range(0, 11) if 2**k <= world} | {world}):
         if args.batch_size % w:
             continue
@@ -226,7 +232,6 @@ def main(argv: list[str] | None = None) -> int:
             break
     else:
         print(f"nothing fits in {args.gpu_memory:g} GiB up to {world} GPUs: add GPUs or lower -b")
-    return 0
 
 
 if __name__ == "__main__":

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from moco_scale.checkpoint.reference import load_pretrained
 from moco_scale.config import ConfigError
 from moco_scale.data import DataError, eval_transform, image_folder, load_digits_split
 from moco_scale.flags import nonnegative_int
-from moco_scale.loading import load_pretrained
 from moco_scale.models import MoCo, backbone_features, build_moco
 
 

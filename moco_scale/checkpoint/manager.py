@@ -1,11 +1,15 @@
-"""Resumable checkpoint folders: the generic manager every engine saves through.
+"""Resumable checkpoint folders: the manager every command saves through, and what it saves.
 
-A resumable checkpoint is a folder DIR/checkpoints/step_00001234/ holding the engine's own
-layout (torch.distributed.checkpoint for DDP and FSDP, DeepSpeed's format for ZeRO), one RNG
-file per rank and meta.json (position in the run, model, world size, and
-the size of every file). It is written as a hidden .tmp folder and renamed only after every
-rank finished, then the `latest` pointer moves; a folder whose files do not match meta.json
-is incomplete and skipped by --resume auto.
+A resumable checkpoint is a folder DIR/checkpoints/step_00001234/ holding the engine's own layout
+(torch.distributed.checkpoint for DDP and FSDP, DeepSpeed's format for ZeRO), one RNG file per rank and
+meta.json: the trainer's state (its position in the run, the step being the truth, and what must match to
+continue it) with the world size and the size of every file. It is written as a hidden .tmp folder and
+renamed only after every rank finished, then the `latest` pointer moves; a folder whose files do not match
+meta.json is incomplete and skipped by --resume auto.
+
+The manager also decides when to save (every --save-every steps, each epoch end, a stop signal) and when to
+export the command's single file (the reference's checkpoint.pth.tar: `export_every`), as torchtitan's
+checkpointer does for its Stateful parts.
 """
 
 from __future__ import annotations
@@ -19,22 +23,30 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from moco_scale.files import NoSpaceError, atomic_write_text, is_disk_full, load_checkpoint
+from moco_scale.checkpoint.io import NoSpaceError, atomic_write_text, is_disk_full, load_checkpoint
 
 if TYPE_CHECKING:
     from moco_scale.dist import DistContext
-    from moco_scale.engines import Engine
+    from moco_scale.engines.base import Engine
 
 FORMAT = "moco-scale-checkpoint/1"
 META = "meta.json"
 LATEST = "latest"
+EXPORT_EVERY = ("epoch", "end", "never")
 
 
-# -- resumable folders ------------------------------------------------------------------------------
+class Stateful(Protocol):
+    """A part whose state goes into meta.json (the trainer: step and what it is derived from)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# -- folders ------------------------------------------------------------------------------------------
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -47,11 +59,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def position_of(meta: dict[str, Any]) -> tuple[int, int]:
-    """(epoch, batch within it) of a checkpoint: derived from its step, the one count kept."""
-    return divmod(meta["step"], meta["iters_per_epoch"])
 
 
 def _barrier(ctx: DistContext) -> None:
@@ -85,7 +92,7 @@ def verify(folder: Path) -> dict[str, Any]:
     return meta
 
 
-def _step_folders(root: Path) -> list[Path]:
+def step_folders(root: Path) -> list[Path]:
     """Finished folders (renamed from .tmp), newest first."""
     return sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
 
@@ -101,7 +108,7 @@ def find_latest(root: Path) -> Path | None:
     moved aside (superseded/, damaged/) are never candidates."""
     if (root / "checkpoints").is_dir():
         root = root / "checkpoints"
-    candidates = _step_folders(root)
+    candidates = step_folders(root)
     pointer = root / LATEST
     if pointer.is_file() and (root / pointer.read_text().strip()) in candidates:
         first = root / pointer.read_text().strip()
@@ -115,7 +122,7 @@ def find_latest(root: Path) -> Path | None:
     return None
 
 
-def _move_aside(folder: Path, under: Path) -> Path:
+def move_aside(folder: Path, under: Path) -> Path:
     """Move `folder` into `under`, never onto an earlier folder of the same name (a name.1, name.2, ...)."""
     under.mkdir(parents=True, exist_ok=True)
     dst, n = under / folder.name, 0
@@ -126,6 +133,7 @@ def _move_aside(folder: Path, under: Path) -> Path:
     return dst
 
 
+# -- the manager ----------------------------------------------------------------------------------------
 class CheckpointManager:
     """Writes resumable checkpoint folders under DIR/checkpoints, following the run's timeline.
 
@@ -136,39 +144,65 @@ class CheckpointManager:
     save removes the partial folder and says which checkpoint is intact. Collectives: call on every rank.
     """
 
-    def __init__(self, run_dir: str, ctx: DistContext, keep_last: int, warn: Callable[[str], None] = print) -> None:
+    def __init__(self, run_dir: str | Path, ctx: DistContext, keep_last: int, save_every: int = 0,
+                 export_every: str = "never", warn: Callable[[str], None] = print) -> None:
         self.root = Path(run_dir) / "checkpoints"
-        self.ctx, self.keep_last, self.warn = ctx, keep_last, warn
+        self.ctx, self.keep_last, self.save_every, self.export_every, self.warn = (ctx, keep_last, save_every,
+                                                                                    export_every, warn)
         self.last_saved: int | None = None
         #: an old run moved aside by --overwrite, deleted once this run has its first checkpoint
         self.discard_after_first_save: Path | None = None
+        self.engine: Engine | None = None
+        self.trainer: Stateful | None = None
+        self.exporter: Callable[[], None] | None = None
+
+    def track(self, engine: Engine, trainer: Stateful, exporter: Callable[[], None] | None = None) -> None:
+        """The parts a save writes: the engine's files, the trainer's state (meta.json), and the command's
+        single-file export (a collective), written on the `export_every` cadence."""
+        self.engine, self.trainer, self.exporter = engine, trainer, exporter
 
     def folder(self, step: int) -> Path:
         return self.root / f"step_{step:08d}"
 
+    # -- when --------------------------------------------------------------------------------------
+    def after_step(self, step: int) -> None:
+        if self.save_every and step % self.save_every == 0:
+            self.save()
+
+    def after_epoch(self, last: bool) -> None:
+        """An epoch ended (or the run's last step, mid-epoch): save, and export on the cadence."""
+        self.save()
+        if self.export_every == "epoch" or (self.export_every == "end" and last):
+            self.export()
+
+    def export(self) -> None:
+        if self.exporter is not None:
+            self.exporter()
+
+    # -- timelines and retention -------------------------------------------------------------------
     def start_timeline(self, step: int) -> None:
         """This run continues from `step`: move every later folder (another timeline's) aside. Rank 0 only."""
         if not self.ctx.is_main or not self.root.is_dir():
             return
         later = []
-        for folder in (f for f in _step_folders(self.root) if _step_of(f) > step):
+        for folder in (f for f in step_folders(self.root) if _step_of(f) > step):
             try:
                 verify(folder)
                 later.append(folder)
             except ValueError as e:  # why --resume auto passed it over: not part of any timeline
-                moved = _move_aside(folder, self.root / "damaged")
+                moved = move_aside(folder, self.root / "damaged")
                 self.warn(f"moco-scale: warning: {e}; moved it to {moved}")
         if later:
             aside = self.root / "superseded" / time.strftime("%Y%m%d-%H%M%S")
             for folder in later:
-                _move_aside(folder, aside)
+                move_aside(folder, aside)
             self.warn(f"moco-scale: warning: resuming at step {step}: moved {len(later)} later checkpoint(s) of the "
                       f"abandoned timeline ({', '.join(sorted(f.name for f in later))}) to {aside}")
         self._point_latest()
 
     def _point_latest(self) -> None:
         pointer = self.root / LATEST
-        complete = [f for f in _step_folders(self.root) if (f / META).is_file()]
+        complete = [f for f in step_folders(self.root) if (f / META).is_file()]
         if complete:
             atomic_write_text(pointer, complete[0].name)
         else:
@@ -177,12 +211,12 @@ class CheckpointManager:
     def _retain(self) -> None:
         """Keep the newest `keep_last` complete folders; damaged ones aside, not counted."""
         complete = []
-        for folder in _step_folders(self.root):
+        for folder in step_folders(self.root):
             try:
                 verify(folder)
                 complete.append(folder)
             except ValueError as e:
-                moved = _move_aside(folder, self.root / "damaged")
+                moved = move_aside(folder, self.root / "damaged")
                 self.warn(f"moco-scale: warning: {e}; moved it to {moved} (not counted by --keep-last)")
         for old in complete[self.keep_last:]:
             shutil.rmtree(old, ignore_errors=True)
@@ -194,8 +228,10 @@ class CheckpointManager:
             shutil.rmtree(self.discard_after_first_save, ignore_errors=True)
             self.discard_after_first_save = None
 
-    def save(self, engine: Engine, position: dict[str, Any]) -> Path:
-        """A collective. `position` (step and what is derived from it, model, ...) goes into meta.json."""
+    # -- saving and loading --------------------------------------------------------------------------
+    def save(self) -> Path:
+        """A collective: the engine's files, every rank's RNG, then meta.json (the trainer's state) last."""
+        position = self.trainer.state_dict()
         final = self.folder(position["step"])
         name, tmp = final.name, self.root / f".{final.name}.tmp"
         if self.last_saved == position["step"] and final.is_dir():
@@ -205,7 +241,7 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         _barrier(self.ctx)
         try:
-            engine.save(str(tmp))
+            self.engine.save(str(tmp))
             torch.save(_rng_state(), tmp / f"rng_rank{self.ctx.rank:05d}.pt")
             _barrier(self.ctx)  # every rank's files are written
             if self.ctx.is_main:
@@ -231,11 +267,12 @@ class CheckpointManager:
         _barrier(self.ctx)
         return final
 
-    def load(self, engine: Engine, folder: Path) -> dict[str, Any]:
-        """Restore engine and this rank's RNG from a verified folder; returns its meta.json."""
+    def load(self, folder: Path) -> dict[str, Any]:
+        """Restore the engine, this rank's RNG and the trainer's state from a verified folder; its meta.json."""
         meta = verify(folder)
-        engine.load(str(folder), meta["world_size"])
+        self.engine.load(str(folder), meta["world_size"])
         rng = folder / f"rng_rank{self.ctx.rank:05d}.pt"
         if meta["world_size"] == self.ctx.world_size and rng.is_file():
             _set_rng_state(load_checkpoint(str(rng)))
+        self.trainer.load_state_dict(meta)
         return meta

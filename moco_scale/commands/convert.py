@@ -19,12 +19,10 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-
-from moco_scale.checkpoint import manifest, verify
-from moco_scale.engines import engine_for_layout
-from moco_scale.files import atomic_save
-from moco_scale.loading import CheckpointError, checked_state_dict, read_any_checkpoint
+from moco_scale.checkpoint.io import atomic_save
+from moco_scale.checkpoint.manager import manifest, verify
+from moco_scale.checkpoint.reference import CheckpointError, backbone_of, checked_state_dict, read_any_checkpoint
+from moco_scale.engines import write_universal
 from moco_scale.models.resnet import RESNET_ARCHS
 from moco_scale.models.vit import VIT_ARCHS
 
@@ -43,7 +41,7 @@ def make_universal(src: Path, dst: Path) -> tuple[str, str]:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        stages = engine_for_layout(meta["engine"], src).write_universal(src, tmp, meta)
+        stages = write_universal(src, tmp, meta)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -55,13 +53,6 @@ def make_universal(src: Path, dst: Path) -> tuple[str, str]:
         raise ConvertError(f"{dst} already exists")
     os.replace(tmp, dst)
     return meta["engine"], stages
-
-
-def backbone(state: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
-    """The online encoder without its projector (ViT `head.*`, ResNet `fc.*`), keys as timm/torchvision name them."""
-    head = "head." if arch in VIT_ARCHS else "fc."
-    return {k.removeprefix("base_encoder."): v for k, v in state.items()
-            if k.startswith("base_encoder.") and not k.startswith(f"base_encoder.{head}")}
 
 
 def check_output(src: str, dst: str, to: str, force: bool) -> None:
@@ -103,7 +94,7 @@ def convert(src: str, dst: str, to: str, force: bool = False) -> str:
         raise ConvertError(f"--to {to} needs a ViT checkpoint; {src} holds {arch} (use --to torchvision)")
     if to == "torchvision" and arch not in RESNET_ARCHS:
         raise ConvertError(f"--to torchvision needs a ResNet checkpoint; {src} holds {arch} (use --to deit or timm)")
-    weights = backbone(state, arch)
+    weights = backbone_of(state, arch)
     atomic_save({"model": weights} if to == "deit" else weights, dst)
     if arch in VIT_ARCHS:
         heads = settings.get("num_heads") or VIT_ARCHS[arch].num_heads

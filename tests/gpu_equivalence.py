@@ -1,25 +1,30 @@
 """Engine equivalence on one CUDA device (world 1, fp32, TF32 off): every shipped engine config runs
 3 MoCo v3 steps of a tiny ViT (AdamW) and is compared with tests/reference.py's oracle run on the same
 device, by the test suite's own criteria. Prints one table row per config; exits 1 on a mismatch.
+It lives beside the oracle and the criteria it uses; scripts/gpu_check.sh runs it (`python tests/gpu_equivalence.py`).
 A second table: both `--augment` paths through DeviceFeed (pinned memory, the side-stream copy) on the device
 against the same batches made on the CPU. `--device cpu` runs the same checks on the CPU (a smoke test of the
 script)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 
 import torch
-from gpu_common import REPO, Table, init_single
-from helpers import TINY_VIT, assert_losses_close, assert_matches_oracle, noise_only_elements, rel_err
+from helpers import REPO, TINY_VIT, assert_losses_close, assert_matches_oracle, noise_only_elements, rel_err
 from reference import Oracle
 
 from moco_scale import build_moco, schedules
 from moco_scale.data import DeviceFeed, pretrain_dataset, pretrain_loader
 from moco_scale.data.augment import IMAGENET_STD
 from moco_scale.data.photos import write_photo_folder
-from moco_scale.engines import build_engine, load_engine_config, with_precision
+from moco_scale.dist import init_distributed
+from moco_scale.engines import load_engine_config
+from moco_scale.optim import OptimizerSpec
+from moco_scale.telemetry import CheckTable as Table
+from moco_scale.train.steps import run_steps
 
 CONFIGS = ["ddp", "fsdp", "fsdp_grad_op", "zero0", "zero1", "zero2", "zero3", "zero3_offload"]
 B, STEPS, ITERS, EPOCHS, WARMUP, LR, WD = 16, 3, 2, 2, 1, 0.05, 0.1
@@ -40,14 +45,10 @@ def oracle(batches, dtype, device):
 
 
 def run_engine(name: str, batches, ctx) -> tuple[list[float], dict]:
-    cfg = load_engine_config(str(REPO / "ds_configs" / f"{name}.json"), B, 1)
-    cfg = with_precision(cfg, "fp32")
+    cfg = load_engine_config(str(REPO / "ds_configs" / f"{name}.json"), B, 1).with_precision("fp32")
     torch.manual_seed(0)
-    engine = build_engine(build_moco(**TINY_VIT), "adamw", WD, cfg, ctx)
-    losses = []
-    for t, (x1, x2) in enumerate(batches):
-        lr, m = schedule(t)
-        losses.append(engine.train_step(x1, x2, lr, m).item())
+    engine = cfg.build(build_moco(**TINY_VIT, device="meta"), OptimizerSpec("adamw", WD), ctx)
+    losses = [s.loss.item() for s in run_steps(engine, batches, schedule)]
     state = {k: v.detach().clone() for k, v in engine.full_state_dict().items()}
     engine.close()
     return losses, state
@@ -94,7 +95,11 @@ def main() -> int:
     device = sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    ctx = init_single(device, 29534)
+    os.environ.setdefault("DS_ACCELERATOR", device if device == "cpu" else "cuda")
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29534"}.items():
+        os.environ.setdefault(key, value)
+    ctx = init_distributed(device, 600, require_group=True)  # world 1: the sharding engines need a group
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(B, 3, 32, 32, generator=g).to(device), torch.randn(B, 3, 32, 32, generator=g).to(device))
                for _ in range(STEPS)]

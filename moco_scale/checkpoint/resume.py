@@ -1,0 +1,95 @@
+"""What --resume names and whether it continues this run: a resumable folder (its meta.json must match the
+model, batch and data, and the engine must read its layout), a run folder (its newest complete checkpoint),
+or a reference-format file (weights, and the step it continues at)."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from moco_scale.checkpoint.io import load_checkpoint
+from moco_scale.checkpoint.manager import find_latest, verify
+from moco_scale.checkpoint.reference import checked_state_dict
+from moco_scale.config import ConfigError
+
+if TYPE_CHECKING:
+    from moco_scale.engines.config import EngineConfig
+    from moco_scale.models.parts import TrainModule
+
+
+@dataclass
+class Resume:
+    """A checkpoint folder to load (`meta` its meta.json), or a reference-format file (`ckpt` its contents)."""
+
+    path: Path
+    meta: dict[str, Any] | None = None
+    ckpt: dict[str, Any] | None = None
+
+    @property
+    def is_file(self) -> bool:
+        return self.ckpt is not None
+
+
+def _latest(root: Path, is_main: bool) -> Path | None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("default" if is_main else "ignore")
+        return find_latest(root)
+
+
+def find_resume(resume: str | None, output_dir: str, is_main: bool) -> Resume | None:
+    """What --resume names: None (a fresh start), a verified folder, or a loaded reference-format file."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        folder = _latest(Path(output_dir), is_main)
+        if folder is None:
+            if is_main:
+                print(f"moco-scale: --resume auto: no complete checkpoint in {output_dir}/checkpoints, "
+                      "starting from scratch", file=sys.stderr)
+            return None
+        return Resume(folder, meta=verify(folder))
+    path = Path(resume)
+    if path.is_file():
+        return Resume(path, ckpt=load_checkpoint(str(path)))
+    if not path.is_dir():
+        raise ConfigError(f"--resume {path} does not exist")
+    if not (path / "meta.json").exists():
+        folder = _latest(path, is_main)
+        if folder is None:
+            raise ConfigError(f"--resume {path}: no complete checkpoint folder (step_*/meta.json) in it")
+        path = folder
+    return Resume(path, meta=verify(path))
+
+
+def check_resumable(resume: Resume, model: dict[str, Any], global_batch: int, dataset_size: int,
+                    engine: EngineConfig) -> EngineConfig:
+    """A checkpoint folder continues this run only with the same model, batch, data and an engine that reads its
+    layout; returns the engine config that reads it (the engine config's answer)."""
+    meta, source = resume.meta, resume.path
+    diff = [f"{k} {meta['model'].get(k)!r} there, {v!r} here" for k, v in model.items() if meta["model"].get(k) != v]
+    if diff:
+        raise ConfigError(f"--resume {source} is from another model: {'; '.join(diff)}")
+    if meta["global_batch"] != global_batch:
+        raise ConfigError(f"--resume {source} was trained with -b {meta['global_batch']}, this run has -b "
+                          f"{global_batch}: the schedules and data order would not continue")
+    if meta["dataset_size"] != dataset_size:
+        raise ConfigError(f"--resume {source} saw {meta['dataset_size']} training images, this data has "
+                          f"{dataset_size}")
+    return engine.resume_config(meta, source)
+
+
+def reference_weights(resume: Resume, model: TrainModule, arch: str) -> dict[str, torch.Tensor]:
+    """A reference-format file's tensors (published pretrained files included), checked against `model` (on the
+    meta device: names and shapes), for the engine to start from."""
+    ckpt, path = resume.ckpt, resume.path
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ConfigError(f"--resume {path} holds no 'state_dict': not a MoCo v3 pretraining checkpoint")
+    if ckpt.get("arch", arch) != arch:
+        raise ConfigError(f"--resume {path} holds {ckpt['arch']}, this run is -a {arch}")
+    state, _ = checked_state_dict(ckpt, f"--resume {path}", model, hint="; pass the size flags it was trained with")
+    return state

@@ -1,0 +1,1 @@
+"""One module per `moco-scale` command: its argument parser and `main`."""

@@ -1,0 +1,91 @@
+"""Labelled images for evaluation and fine-tuning (lincls, knn, probe, finetune): train and val splits whose
+classes are matched by name, transforms keyed to (seed, epoch, image) so that a run's batches do not depend on
+the world size, and a sampler that shows every validation image exactly once whatever the world size."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from moco_scale.data.augment import keyed_rng
+from moco_scale.data.datasets import DataError, image_folder, load_digits_split
+
+
+@dataclass
+class Splits:
+    """Train and val samples ((image, label) sequences) with one class numbering: val's labels are train's."""
+
+    train: Sequence
+    val: Sequence
+    classes: list[str]
+    source: str
+
+
+def matched_val(train_classes: list[str], val: Any, val_root: str) -> Any:
+    """Relabel an ImageFolder `val` with train's class indices, by name; a val class train lacks is an error."""
+    index = {c: i for i, c in enumerate(train_classes)}
+    missing = [c for c in val.classes if c not in index]
+    if missing:
+        raise DataError(f"class folder {os.path.join(val_root, missing[0])} has no counterpart in train/ "
+                        f"({len(missing)} val class(es) missing from train: {', '.join(missing[:5])}); "
+                        "val's classes must be a subset of train's, matched by name")
+    remap = [index[c] for c in val.classes]
+    val.samples = [(path, remap[label]) for path, label in val.samples]
+    val.targets = [remap[label] for label in val.targets]
+    val.classes, val.class_to_idx = list(train_classes), dict(index)
+    return val
+
+
+def image_splits(data: str | None, image_size: int) -> Splits:
+    """DATA/train and DATA/val as ImageFolders (classes matched by name), or the built-in digits' fixed
+    stratified split."""
+    if data is None:
+        classes = [str(d) for d in range(10)]
+        return Splits(load_digits_split("train", image_size), load_digits_split("val", image_size), classes,
+                      "the built-in digits (held-out split)")
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(data, split)):
+            raise DataError(f"data folder {data} has no {split}/ folder (expected {data}/{split}/<class>/<image>)")
+    train = image_folder(os.path.join(data, "train"))
+    val = matched_val(train.classes, image_folder(os.path.join(data, "val")), os.path.join(data, "val"))
+    return Splits(train, val, list(train.classes), data)
+
+
+class Keyed(Dataset):
+    """(transform(image), label) of `samples`; a key (epoch, index) seeds the transform's randomness (training),
+    a plain index runs it as it is (evaluation transforms are deterministic)."""
+
+    def __init__(self, samples: Sequence, transform: Callable, seed: int = 0) -> None:
+        self.samples, self.transform, self.seed = samples, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        if isinstance(key, tuple):
+            epoch, index = key
+            img, label = self.samples[index]
+            with keyed_rng(self.seed, epoch, index):
+                return self.transform(img), label
+        img, label = self.samples[key]
+        return self.transform(img), label
+
+
+class Shard(Sampler[int]):
+    """Rank r's contiguous share of range(n), every index exactly once over the ranks (no padding, unlike
+    DistributedSampler, whose duplicates would be counted twice in an accuracy)."""
+
+    def __init__(self, n: int, world: int, rank: int) -> None:
+        per = -(-n // world)
+        self.indices = range(min(n, rank * per), min(n, (rank + 1) * per))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)

@@ -1,0 +1,1 @@
+"""Evaluation of what was pretrained: linear evaluation, distributed kNN, fine-tuning recipes."""

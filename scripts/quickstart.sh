@@ -15,7 +15,7 @@ OUT=${OUT:-runs/quickstart}
 ENGINE=${ENGINE:-ds_configs/zero3.json}
 NPROC=${NPROC:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || echo 2)}
 PORT=${PORT:-$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")}
-deepspeed --num_gpus "$NPROC" --master_port "$PORT" --module moco_scale.pretrain \
+deepspeed --num_gpus "$NPROC" --master_port "$PORT" --module moco_scale pretrain \
   -a vit_tiny --patch-size 4 --embed-dim 128 --depth 4 --num-heads 4 \
   --moco-dim 128 --moco-mlp-dim 512 --moco-t 0.2 --moco-m 0.99 --moco-m-cos \
   --optimizer adamw --lr 1e-3 --wd 0.1 --epochs 30 --warmup-epochs 5 --crop-min 0.2 \

@@ -12,7 +12,7 @@ failed=0
 start=$(date +%s)
 for i in $(seq 1 "$N"); do
   port=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-  if ! deepspeed --num_gpus 2 --master_port "$port" --module moco_scale.pretrain \
+  if ! deepspeed --num_gpus 2 --master_port "$port" --module moco_scale pretrain \
       -a vit_tiny --patch-size 8 --embed-dim 64 --depth 2 --num-heads 4 --moco-dim 32 --moco-mlp-dim 64 \
       -b 16 --epochs 1 --warmup-epochs 0 --optimizer adamw --lr 1e-3 -j 0 --max-steps 2 --device cpu \
       --engine-config "$ENGINE" --output-dir "$OUT/run" --overwrite >"$OUT/log" 2>&1; then

@@ -36,18 +36,23 @@ def build_engine(model, optimizer: str, weight_decay: float, cfg, ctx):
 
 def peak_cpu_bytes(fn, until: str | None = None):
     """fn() and the peak of the CPU bytes it allocated and still held at any point (before the first event named
-    `until`, a torch.profiler.record_function marker, where given). torch's profiler puts an allocation on the
-    op that made it and a free either there or on a "[memory]" event: every event's self memory, in time order,
-    summed."""
+    `until`, a torch.profiler.record_function marker, where given). Read from the profiler's raw allocation
+    records in time order: each is one allocation (positive bytes) or one free (negative). An upper bound where
+    other threads free what this one allocated (gloo's workers do): the profiler records this thread's frees only."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
+    events = prof.profiler.kineto_results.events()
+    stop = min((e.start_ns() for e in events if e.name() == until), default=None)
+    records = sorted((e.start_ns(), e.nbytes()) for e in events
+                     if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
     live = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        if event.name == until:
+    for start, nbytes in records:
+        if stop is not None and start >= stop:
             break
-        live += event.self_cpu_memory_usage
+        live += nbytes
         peak = max(peak, live)
     return result, peak
 

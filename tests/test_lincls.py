@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import BIN, COMMON_TINY_RUN, deepspeed_launcher, engine_config, run_cli
+from helpers import BIN, COMMON_TINY_RUN, deepspeed_launcher, engine_config, run_cli, torchrun
 
 from moco_scale.checkpoint.reference import pretrained_encoder
 from moco_scale.data import eval_transform, load_digits_split
@@ -82,3 +82,57 @@ def test_lincls_reads_a_sharded_checkpoint(tmp_path):
     res = run_cli(["lincls", "--pretrained", str(out), *LINCLS, "--epochs", "1", "--output-dir", str(tmp_path)])
     assert res.returncode == 0, res.stderr[-2000:]
     assert "lincls: top-1" in res.stdout
+
+
+def folder(root, split: str, classes: dict[str, int]) -> None:
+    """root/split/<class>/<i>.png, images that differ by class (colour) and by index (brightness)."""
+    from PIL import Image
+
+    for k, (name, count) in enumerate(classes.items()):
+        (root / split / name).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (40, 40), (40 + 70 * k, 10 * i % 250, 200 - 60 * k)).save(root / split / name / f"{i}.png")
+
+
+def test_val_classes_are_matched_by_name_and_a_missing_one_is_named(tmp_path):
+    from moco_scale.data import DataError
+    from moco_scale.data.labelled import image_splits
+
+    folder(tmp_path / "d", "train", {"a": 2, "b": 2, "c": 2})
+    folder(tmp_path / "d", "val", {"a": 1, "c": 1})
+    splits = image_splits(str(tmp_path / "d"), 32)
+    assert splits.classes == ["a", "b", "c"] and [label for _, label in splits.val] == [0, 2]  # c is 2, not 1
+    folder(tmp_path / "e", "train", {"a": 2, "b": 2})
+    folder(tmp_path / "e", "val", {"a": 1, "d": 1})
+    with pytest.raises(DataError, match=r"e/val/d has no counterpart in train/"):
+        image_splits(str(tmp_path / "e"), 32)
+
+
+def test_every_val_image_counts_once_at_any_world_size_and_results_are_kept(pretrained, tmp_path, capsys):
+    """An odd validation set: the saved classifier scored at world 1 (in-process) and world 2 (torchrun, -e) gives
+    the same correct count over every image once (DistributedSampler's padding counted duplicates). A second
+    evaluation of another checkpoint into the folder is refused, --resume of it too; --overwrite moves it aside."""
+    from moco_scale.commands.lincls import main
+
+    data = tmp_path / "data"
+    folder(data, "train", {"a": 12, "b": 12})
+    folder(data, "val", {"a": 4, "b": 3})  # 7 images
+    out, ckpt = tmp_path / "out", str(pretrained / "checkpoint.pth.tar")
+    args = [str(data), "--pretrained", ckpt, "--epochs", "1", "-b", "8", "-j", "0", "--device", "cpu",
+            "--output-dir", str(out)]
+    assert main(args) == 0
+    first = json.loads((out / "lincls.json").read_text())
+    assert first["images"] == 7 and 0 <= first["correct"] <= 7
+    res = run_cli([*args, "--evaluate", "--resume", "auto"], launcher=[*torchrun(2)[:-1], "lincls"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    again = json.loads((out / "lincls.json").read_text())
+    assert (again["images"], again["correct"], again["top1"]) == (7, first["correct"], first["top1"])
+
+    other = str(pretrained / "checkpoints" / "step_00000001")  # another identity: a folder, not the file
+    capsys.readouterr()
+    assert main([*args[:2], other, *args[3:]]) == 2 and "already holds a run" in capsys.readouterr().err
+    assert main([*args[:2], other, *args[3:], "--resume", "auto"]) == 2
+    assert "evaluated another pretrained checkpoint" in capsys.readouterr().err
+    assert main([*args[:2], other, *args[3:], "--overwrite"]) == 0
+    assert not list(tmp_path.glob("out.overwritten-*"))  # moved aside, deleted once the new run had saved
+    assert json.loads((out / "lincls.json").read_text())["pretrained"] == other

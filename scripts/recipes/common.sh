@@ -3,15 +3,15 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 if [ -x "$ROOT/.venv/bin/moco-scale" ]; then export PATH="$ROOT/.venv/bin:$PATH"; fi
 
-# recipe NODES ENGINE_JSON MODULE RECIPE_FLAGS... -- DATA HOSTFILE [FLAGS...]: later flags win
+# recipe NODES ENGINE_JSON COMMAND RECIPE_FLAGS... -- DATA HOSTFILE [FLAGS...]: later flags win
 recipe() {
-  local nodes=$1 engine=$2 module=$3
+  local nodes=$1 engine=$2 command=$3
   shift 3
   local flags=()
   while [ "$1" != "--" ]; do flags+=("$1"); shift; done
   shift
   if [ $# -lt 2 ]; then
-    echo "usage: $0 DATA HOSTFILE [more flags for $module]   (DRY_RUN=1 prints the launch line only)" >&2
+    echo "usage: $0 DATA HOSTFILE [more flags for moco-scale $command]   (DRY_RUN=1 prints the launch line only)" >&2
     exit 2
   fi
   local data=$1 hostfile=$2
@@ -24,7 +24,7 @@ recipe() {
          "(-b stays the global batch, so each GPU takes a different share)" >&2
   fi
   local cmd=(deepspeed --hostfile "$hostfile" --master_addr "$MASTER" --master_port "${PORT:-29500}"
-             --module "$module" "$data" "${flags[@]}" --engine-config "$ROOT/$engine" "$@")
+             --module moco_scale "$command" "$data" "${flags[@]}" --engine-config "$ROOT/$engine" "$@")
   echo "launching: ${cmd[*]}"
   if [ "${DRY_RUN:-0}" = 1 ]; then return 0; fi
   exec "${cmd[@]}"

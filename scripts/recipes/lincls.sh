@@ -3,5 +3,5 @@
 # Usage: PRETRAINED=runs/X/checkpoints scripts/recipes/lincls.sh DATA HOSTFILE [flags]
 source "$(dirname "$0")/common.sh"
 : "${PRETRAINED:?set PRETRAINED to a checkpoint (folder, run folder or .pth.tar)}"
-recipe 1 ds_configs/ddp.json moco_scale.lincls --pretrained "$PRETRAINED" -b 1024 --epochs 90 \
+recipe 1 ds_configs/ddp.json lincls --pretrained "$PRETRAINED" -b 1024 --epochs 90 \
   --output-dir "${OUT:-runs/lincls}" --resume auto -- "$@"

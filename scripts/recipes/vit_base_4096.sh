@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # MoCo v3 ViT-B/16, 300 epochs, batch 4096 on 8 nodes x 8 GPUs, ZeRO-3 in bf16.  Usage: $0 DATA HOSTFILE [flags]
 source "$(dirname "$0")/common.sh"
-recipe 8 ds_configs/zero3.json moco_scale.pretrain -a vit_base -b 4096 --optimizer adamw --lr 1.5e-4 --wd 0.1 \
+recipe 8 ds_configs/zero3.json pretrain -a vit_base -b 4096 --optimizer adamw --lr 1.5e-4 --wd 0.1 \
   --epochs 300 --warmup-epochs 40 --moco-m 0.99 --moco-m-cos --moco-t 0.2 --stop-grad-conv1 --crop-min 0.08 \
   --output-dir "${OUT:-runs/$(basename "$0" .sh)}" --resume auto -- "$@"

@@ -57,7 +57,7 @@ CASES: list[tuple[list[str], str]] = [
     (["pretrain", "--engine-config", COMPILE, "-a", "resnet_tiny", "-b", "16", "-j", "0", "--device", "cpu",
       "--max-steps", "1"], "key 'compile' is for ViT backbones"),
     # data of the wrong shape
-    (["probe", DATA, "--pretrained", CKPT], "/val does not exist"),
+    (["probe", DATA, "--pretrained", CKPT], "has no val/ folder"),
     # convert never overwrites its input, nor a folder
     (["convert", "--to", "deit", CKPT, CKPT], "is the input; write the deit checkpoint to another path"),
     (["convert", "--to", "timm", CKPT, "."], "is a folder; name the file to write"),

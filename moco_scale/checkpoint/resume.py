@@ -4,6 +4,7 @@ or a reference-format file (weights, and the step it continues at)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -93,3 +94,10 @@ def reference_weights(resume: Resume, model: TrainModule, arch: str) -> dict[str
         raise ConfigError(f"--resume {path} holds {ckpt['arch']}, this run is -a {arch}")
     state, _ = checked_state_dict(ckpt, f"--resume {path}", model, hint="; pass the size flags it was trained with")
     return state
+
+
+def run_folder(path: str) -> str:
+    """The run folder a checkpoint belongs to (a run folder, a step folder in it, or a file's folder)."""
+    path = os.path.abspath(path)
+    folder = path if os.path.isfile(os.path.join(path, "config.json")) else os.path.dirname(path)
+    return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder

@@ -98,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cpu: the reference pipeline (PIL) in the loader workers, uint8 views to the device; device: "
                      "the workers only decode and draw each view's parameters, every random op runs batched on the "
                      "training device (same parameter draws, same distribution; for GPUs the workers cannot feed)")
+    own.add_argument("--knn-every", type=nonnegative_int, default=0, metavar="N",
+                     help="every N epochs (and at the end) the weighted kNN top-1 (k=20, 200) of the base and momentum "
+                     "encoders' features, logged as knn_top1 / momentum_knn_top1 (default 0: off)")
+    own.add_argument("--knn-data", default=None, metavar="DIR",
+                     help="train/ and val/ ImageFolders for --knn-every (default: DATA; the digits' held-out split "
+                     "for the built-in dataset)")
+    own.add_argument("--knn-train-size", type=positive_int, default=10000, metavar="N",
+                     help="training images the kNN compares against, spread evenly over train/ (default 10000)")
     own.add_argument("--skip-bad-data", action="store_true",
                      help="skip and count unreadable images and empty class folders instead of failing")
     own.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

@@ -1,5 +1,6 @@
 """Frozen-feature probe: kNN and linear accuracy of a pretrained encoder against the same encoder
-at its random initialisation, on the built-in digits (or DATA/train and DATA/val)."""
+at its random initialisation, on the built-in digits (or DATA/train and DATA/val, classes matched by name).
+One process; `moco-scale knn` is the distributed kNN for ImageNet-size data."""
 
 from __future__ import annotations
 
@@ -7,38 +8,19 @@ import argparse
 import json
 import os
 import sys
+from functools import partial
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from moco_scale.checkpoint.reference import load_pretrained
+from moco_scale.checkpoint.resume import run_folder
 from moco_scale.config import ConfigError
-from moco_scale.data import DataError, eval_transform, image_folder, load_digits_split
+from moco_scale.data import DataError, eval_transform
+from moco_scale.data.labelled import Splits, image_splits, shard_loader
+from moco_scale.dist import DistContext
+from moco_scale.eval.knn import extract, knn_accuracy
 from moco_scale.flags import nonnegative_int
 from moco_scale.models import MoCo, backbone_features, build_moco
-
-
-@torch.no_grad()
-def extract_features(model: MoCo, samples, transform, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backbone features (ViT cls token after the last norm / ResNet pool) of the base encoder, eval mode."""
-    model.eval()
-    loader = DataLoader([(transform(img), label) for img, label in samples], batch_size=batch_size)
-    feats, labels = [], []
-    for x, y in loader:
-        feats.append(backbone_features(model.base_encoder, x))
-        labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
-
-
-def knn_accuracy(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
-                 k: int = 20, temperature: float = 0.07) -> float:
-    """Weighted kNN on cosine similarity (votes exp(sim / T)), top-1 in percent."""
-    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
-    sim, idx = (test_f @ train_f.t()).topk(k, dim=1)
-    votes = torch.zeros(test_f.shape[0], int(train_y.max()) + 1)
-    votes.scatter_add_(1, train_y[idx], (sim / temperature).exp())
-    return (votes.argmax(1) == test_y).float().mean().item() * 100
 
 
 def linear_accuracy(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor) -> float:
@@ -52,10 +34,15 @@ def linear_accuracy(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.
     return float(clf.score(test_f.numpy(), test_y.numpy()) * 100)
 
 
-def evaluate(model: MoCo, train, val, transform) -> dict[str, float]:
-    tf, ty = extract_features(model, train, transform)
-    vf, vy = extract_features(model, val, transform)
-    return {"knn_top1": knn_accuracy(tf, ty, vf, vy), "linear_top1": linear_accuracy(tf, ty, vf, vy)}
+def evaluate(model: MoCo, splits: Splits, transform) -> dict[str, float]:
+    """kNN (k=20, T=0.07, the streaming one of `moco-scale knn`) and logistic regression on the base encoder's
+    frozen features, extracted batch by batch (memory follows the features, not the images)."""
+    model.eval()
+    ctx = DistContext(0, 1, 0, 1, torch.device("cpu"))
+    train, val = (extract(partial(backbone_features, model.base_encoder), shard_loader(s, transform, 256, 1, 0),
+                          ctx.device) for s in (splits.train, splits.val))
+    knn = knn_accuracy(train, val, len(splits.classes), ctx, ks=(20,))["knn_top1"]
+    return {"knn_top1": knn, "linear_top1": linear_accuracy(train.feats, train.labels, val.feats, val.labels)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,11 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 def probe(args: argparse.Namespace) -> int:
     pretrained, kwargs, ckpt = load_pretrained(args.pretrained)
     meta = ckpt.get("moco_scale", {})
-    # the run folder: the checkpoint file's folder, or the folder named (a run folder or a step folder in it)
-    run_dir = os.path.abspath(args.pretrained)
-    run_dir = run_dir if os.path.isfile(os.path.join(run_dir, "config.json")) else os.path.dirname(run_dir)
-    if os.path.basename(run_dir) == "checkpoints":
-        run_dir = os.path.dirname(run_dir)
+    run_dir = run_folder(args.pretrained)
     seed = args.seed
     if seed is None and os.path.exists(os.path.join(run_dir, "config.json")):
         with open(os.path.join(run_dir, "config.json")) as f:
@@ -87,14 +70,10 @@ def probe(args: argparse.Namespace) -> int:
     torch.manual_seed(seed or 0)
     random_init = build_moco(**kwargs)  # the run's starting point when the seed matches
     size = kwargs.get("img_size") or 224
-    if args.data is None:
-        train, val = load_digits_split("train", size), load_digits_split("val", size)
-        transform = eval_transform(size)
-    else:
-        train, val = image_folder(os.path.join(args.data, "train")), image_folder(os.path.join(args.data, "val"))
-        transform = eval_transform(size, resize=size * 256 // 224)
-    results = {"random_init": evaluate(random_init, train, val, transform),
-               "pretrained": evaluate(pretrained, train, val, transform),
+    splits = image_splits(args.data, size)
+    transform = eval_transform(size, resize=None if args.data is None else size * 256 // 224)
+    results = {"random_init": evaluate(random_init, splits, transform),
+               "pretrained": evaluate(pretrained, splits, transform),
                "checkpoint": args.pretrained, "steps": meta.get("step")}
     print(f"\nfrozen features of {kwargs['arch']} on {args.data or 'the built-in digits (held-out split)'}:")
     print(f"  {'encoder':14s} {'kNN top-1':>10s} {'linear top-1':>13s}")

@@ -22,6 +22,8 @@ PANELS = (
     ("throughput.png", "throughput", "images/s", ("img_per_s", "img_per_s_per_rank")),
     ("memory.png", "peak memory per rank", "GiB", ("peak_mem_gib",)),
     ("grad_norm.png", "first-layer gradient norm", "L2 norm", ()),  # keys found in the file (grad_norm/*)
+    ("knn.png", "kNN top-1 on frozen features (--knn-every)", "top-1 %",
+     ("knn_top1", "momentum_knn_top1", "knn200_top1", "momentum_knn200_top1")),
 )
 
 
@@ -43,7 +45,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
             if n == len(path.read_text().splitlines()):  # a run killed while writing its last line
                 break
             raise ReportError(f"{path} line {n} is not JSON ({e.msg})") from None
-    if not rows:
+    if not any("loss" in r for r in rows):
         raise ReportError(f"{path} holds no logged step yet (the run logs every -p/--print-freq steps)")
     return rows
 
@@ -92,6 +94,8 @@ def _mean(values: list[float]) -> float | None:
 def summary_markdown(run_dir: Path, rows: list[dict[str, Any]], pngs: list[str]) -> str:
     config, summary = _read_json(run_dir / "config.json"), _read_json(run_dir / "summary.json")
     args, resolved = config.get("args", {}), config.get("resolved", {})
+    evals = [r for r in rows if "knn_top1" in r]
+    rows = [r for r in rows if "loss" in r]  # training steps; evaluations are rows of their own
     steady = rows[1:] or rows  # the first interval includes start-up
     fmt = {"mean img/s": _mean([r.get("img_per_s") for r in steady]),
            "mean img/s per rank": _mean([r.get("img_per_s_per_rank") for r in steady]),
@@ -113,6 +117,11 @@ def summary_markdown(run_dir: Path, rows: list[dict[str, Any]], pngs: list[str])
             continue
         text = f"{100 * value:.1f}%" if key in ("mean MFU", "mean data wait") else f"{value:.2f}"
         lines.append(f"| {key} | {text} |")
+    if evals:
+        lines.append(f"| kNN top-1 (k=20), base / momentum encoder | {evals[0]['knn_top1']:.2f} / "
+                     f"{evals[0].get('momentum_knn_top1', float('nan')):.2f} at step {evals[0]['step']} -> "
+                     f"{evals[-1]['knn_top1']:.2f} / {evals[-1].get('momentum_knn_top1', float('nan')):.2f} at step "
+                     f"{evals[-1]['step']} |")
     if summary.get("seconds") is not None:
         lines.append(f"| wall time | {summary['seconds'] / 60:.1f} min |")
     lines += ["", *(f"![{p[:-4]}]({p})" for p in pngs), ""]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from moco_scale.data.augment import keyed_rng
 from moco_scale.data.datasets import DataError, image_folder, load_digits_split
@@ -89,3 +89,20 @@ class Shard(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
+
+
+def shard_loader(samples: Sequence, transform: Callable, batch_size: int, world: int, rank: int,
+                 workers: int = 0) -> DataLoader:
+    """This rank's share of `samples` (each image exactly once over the ranks) in evaluation batches. Its own
+    generator: an evaluation in the middle of a run draws nothing from torch's global one, so the run's
+    trajectory is the same with and without it."""
+    return DataLoader(Keyed(samples, transform), batch_size=batch_size, sampler=Shard(len(samples), world, rank),
+                      num_workers=workers, generator=torch.Generator())
+
+
+def spread_subset(samples: Sequence, n: int | None) -> Sequence:
+    """At most n samples spread evenly over `samples` (all of them when n is None or not smaller): every class
+    of a class-sorted ImageFolder keeps its share."""
+    if n is None or n >= len(samples):
+        return samples
+    return Subset(samples, [i * len(samples) // n for i in range(n)])

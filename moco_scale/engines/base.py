@@ -121,7 +121,8 @@ class Engine(ABC):
     @abstractmethod
     def call(self, method: str, *inputs: torch.Tensor) -> torch.Tensor:
         """`model.<method>(*inputs)` without autograd, through the engine's wrapping, so a sharded model runs
-        in place, gathering per block as its forward does (evaluation: kNN features, a classifier's logits)."""
+        in place, gathering per block as its forward does (evaluation: kNN features, a classifier's logits).
+        Between training steps too: the next step is the one the run takes without the call."""
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

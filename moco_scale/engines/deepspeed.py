@@ -194,12 +194,18 @@ class DeepSpeedEngine(Engine):
 
     @torch.no_grad()
     def call(self, method: str, *inputs: torch.Tensor) -> torch.Tensor:
+        """ZeRO-3 prefetches by the module order it traced in training. After calls in another order its
+        coordinator left the next training step computing another loss (measured at world 2; releasing once
+        after a whole evaluation did not prevent it; tested in tests/test_knn.py), so each call ends by
+        releasing every gathered parameter and resetting the trace (DeepSpeed's empty_partition_cache)."""
         training = self.model.training
         self.model.eval()
         try:
             return self._through.call(method, *self.inputs(inputs))
         finally:
             self.model.train(training)
+            if self.ds.zero_optimization_partition_weights():
+                self.ds.empty_partition_cache()
 
     # -- state --------------------------------------------------------------------------------------
     def _full_base(self, p: torch.nn.Parameter) -> torch.Tensor:

@@ -26,7 +26,7 @@ from moco_scale.models.parts import Part, TrainModule
 from moco_scale.optim import OptimizerSpec, local_shard
 
 #: model methods an evaluation calls through the root's hooks (engine.call), beside the phases (each registered once)
-EVAL_METHODS = ("features",)
+EVAL_METHODS = ("base_features", "momentum_features")
 
 
 class FSDPEngine(TorchEngine):

@@ -23,7 +23,7 @@ from moco_scale.checkpoint.resume import Resume, find_resume
 from moco_scale.config import ConfigError
 from moco_scale.data import GlobalBatchSampler, eval_transform
 from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from moco_scale.data.labelled import Keyed, Shard, Splits, image_splits
+from moco_scale.data.labelled import Keyed, Splits, image_splits, shard_loader
 from moco_scale.dist import DistContext, init_distributed, world_size_from_env
 from moco_scale.engines import DDPConfig
 from moco_scale.eval.linear import LinearClassifier, accuracy, per_epoch_cosine
@@ -77,8 +77,7 @@ def _loaders(cfg: LinclsConfig, splits: Splits, size: int, ctx: DistContext) -> 
     sampler = GlobalBatchSampler(len(splits.train), cfg.run.global_batch, ctx.world_size, ctx.rank, cfg.run.seed)
     train = DataLoader(Keyed(splits.train, train_tf, cfg.run.seed), batch_sampler=sampler, num_workers=cfg.workers,
                        persistent_workers=cfg.workers > 0)
-    val = DataLoader(Keyed(splits.val, val_tf), batch_size=256, sampler=Shard(len(splits.val), ctx.world_size,
-                                                                                ctx.rank), num_workers=cfg.workers)
+    val = shard_loader(splits.val, val_tf, 256, ctx.world_size, ctx.rank, cfg.workers)
     return train, val
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -17,15 +19,19 @@ from moco_scale.checkpoint.manager import CheckpointManager
 from moco_scale.checkpoint.reference import reference_start, write_reference_file
 from moco_scale.checkpoint.resume import Resume, check_resumable, find_resume, reference_weights
 from moco_scale.config import ConfigError
-from moco_scale.data import BUILTIN_IMAGE_SIZE, DeviceFeed, KeyedTwoViews, pretrain_dataset, pretrain_loader
+from moco_scale.data import BUILTIN_IMAGE_SIZE, DataError, DeviceFeed, KeyedTwoViews, pretrain_dataset, pretrain_loader
+from moco_scale.data.augment import eval_transform
+from moco_scale.data.labelled import Splits, image_splits, shard_loader, spread_subset
 from moco_scale.dist import DistContext, init_distributed, loader_workers, world_size_from_env
 from moco_scale.engines import EngineConfig, load_engine_config
+from moco_scale.engines.base import Engine
+from moco_scale.eval.knn import evaluate_knn
 from moco_scale.flops import peak_tflops, step_flops_per_image
 from moco_scale.models.init import InitialState
 from moco_scale.optim import OptimizerSpec
 from moco_scale.train.config import ModelConfig, RunConfig, config_file, warmup_fits
 from moco_scale.train.run import open_run
-from moco_scale.train.trainer import Trainer
+from moco_scale.train.trainer import Evaluate, Trainer
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,9 @@ class PretrainConfig:
     device: str
     dist_timeout: float
     peak_tflops: float | None
+    knn_every: int  # epochs; 0: no kNN curve
+    knn_data: str | None
+    knn_train_size: int
 
     @staticmethod
     def from_args(args: argparse.Namespace, world: int | None = None) -> PretrainConfig:
@@ -67,12 +76,16 @@ class PretrainConfig:
         engine = load_engine_config(args.engine_config, args.batch_size, world)
         if args.backbone_chunk is not None:
             engine = engine.replace(backbone_chunk=args.backbone_chunk)
+        if args.knn_data is not None and not args.knn_every:
+            raise ConfigError("--knn-data names the data of the kNN curve: add --knn-every N (epochs)")
         return PretrainConfig(run=run, model=model, engine=engine, optimizer=args.optimizer, lr=args.lr,
                               weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, moco_m=args.moco_m,
                               moco_m_cos=args.moco_m_cos, data=args.data, crop_min=args.crop_min,
                               augment=args.augment, workers=args.workers, skip_bad_data=args.skip_bad_data,
                               reference_every=args.reference_every, device=args.device,
-                              dist_timeout=args.dist_timeout, peak_tflops=args.peak_tflops)
+                              dist_timeout=args.dist_timeout, peak_tflops=args.peak_tflops,
+                              knn_every=args.knn_every, knn_data=args.knn_data or args.data,
+                              knn_train_size=args.knn_train_size)
 
     @property
     def scaled_lr(self) -> float:
@@ -98,6 +111,43 @@ def _resume(cfg: PretrainConfig, dataset_size: int) -> tuple[PretrainConfig, Res
     return cfg, resume
 
 
+def _knn_curve(cfg: PretrainConfig, splits: Splits | None, engine: Engine, ctx: DistContext,
+               workers: int) -> Evaluate | None:
+    """The kNN curve (--knn-every): both encoders' backbone features evaluated in place through the engine
+    (a sharded model gathers per block, as its forward does) every N epochs and at the end. It draws nothing
+    from torch's generator and leaves every module's mode as it was: the trajectory is the run's without it."""
+    if splits is None:
+        return None
+    transform = eval_transform(cfg.model.img_size, resize=None if cfg.knn_data is None
+                               else cfg.model.img_size * 256 // 224)
+    loaders = [shard_loader(s, transform, cfg.run.per_rank_batch, ctx.world_size, ctx.rank, workers)
+               for s in (spread_subset(splits.train, cfg.knn_train_size), splits.val)]
+    dtype = torch.float16 if ctx.device.type == "cuda" else torch.float32
+
+    def evaluate(epoch: float) -> dict[str, float]:
+        last = round(epoch * cfg.run.iters_per_epoch) >= cfg.run.total_steps
+        if round(epoch) % cfg.knn_every and not last:
+            return {}
+        start, out = time.perf_counter(), {}
+        for encoder, prefix in (("base", ""), ("momentum", "momentum_")):
+            results = evaluate_knn(partial(engine.call, f"{encoder}_features"), *loaders, len(splits.classes),
+                                   ctx, dtype)
+            out.update({f"{prefix}{k}": v for k, v in results.items() if k != "knn_images"})
+        return {**out, "knn_images": results["knn_images"], "knn_seconds": time.perf_counter() - start}
+    return evaluate
+
+
+def _knn_splits(cfg: PretrainConfig, world: int) -> Splits | None:
+    """The kNN curve's data, checked before any process group exists."""
+    if not cfg.knn_every:
+        return None
+    splits = image_splits(cfg.knn_data, cfg.model.img_size)
+    train = spread_subset(splits.train, cfg.knn_train_size)
+    if min(len(train), len(splits.val)) < world:
+        raise DataError(f"--knn-data {splits.source}: fewer images in a split than the {world} ranks")
+    return splits
+
+
 def _data(cfg: PretrainConfig) -> tuple[PretrainConfig, KeyedTwoViews]:
     dataset = pretrain_dataset(cfg.data, cfg.model.img_size, cfg.crop_min, cfg.run.seed, cfg.skip_bad_data,
                                cfg.augment)
@@ -109,6 +159,7 @@ def build_pretraining(args: argparse.Namespace) -> tuple[Trainer, PretrainConfig
     data, the checkpoint to resume), then the process group, the engine on a meta-device model, the folder."""
     cfg, dataset = _data(PretrainConfig.from_args(args))
     cfg, resume = _resume(cfg, len(dataset))
+    knn_splits = _knn_splits(cfg, cfg.run.world_size)
     ctx = init_distributed(cfg.device, cfg.dist_timeout, require_group=cfg.engine.needs_process_group)
     torch.manual_seed(cfg.run.seed)
     model = cfg.model.build(device="meta")
@@ -136,7 +187,7 @@ def build_pretraining(args: argparse.Namespace) -> tuple[Trainer, PretrainConfig
                       cfg.schedule, manager, record,
                       flops_per_image=step_flops_per_image(cfg.model.to_dict())["train"],
                       peak_tflops=cfg.peak_tflops or peak_tflops(ctx.device, engine.precision),
-                      watch=model.first_layer_names())
+                      watch=model.first_layer_names(), evaluate=_knn_curve(cfg, knn_splits, engine, ctx, workers))
     manager.track(engine, trainer, exporter=lambda: write_reference_file(
         engine, reference_path(cfg), cfg.model.arch, trainer.step, cfg.run.iters_per_epoch, cfg.model.to_dict()))
     _restore(trainer, manager, resume, say)

@@ -177,8 +177,9 @@ def mean_across_ranks(value: torch.Tensor) -> torch.Tensor:
 
 
 class StopRequest:
-    """SIGTERM (what SLURM sends before preemption or the time limit) and a first Ctrl-C (SIGINT) ask the run to
-    save and exit 0; a second Ctrl-C aborts at once (KeyboardInterrupt), as a user pressing it twice means.
+    """SIGTERM (what SLURM sends before preemption or the time limit), SIGHUP (a closed terminal or ssh session)
+    and a first Ctrl-C (SIGINT) ask the run to save and exit 0; a second Ctrl-C aborts at once
+    (KeyboardInterrupt), as a user pressing it twice means.
 
     The handler only records the signal; `agreed()` at a step boundary makes every rank decide the same,
     since the signal reaches ranks at different moments. That takes a tiny all-reduce whose answer the host
@@ -187,7 +188,8 @@ class StopRequest:
 
     def __init__(self, ctx: DistContext) -> None:
         self.ctx, self.signal_name = ctx, None
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self._previous = {sig: signal.signal(sig, self._handle)
+                          for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
 
     @property
     def requested(self) -> bool:

@@ -109,3 +109,32 @@ def test_bad_input_gets_one_line_and_exit_2(argv, message, files, tmp_path, caps
     assert err and err[-1].startswith(f"moco-scale {argv[0]}: error: ") and message in err[-1], err[-3:]
     assert "weights_only=False" not in "\n".join(err) and "Traceback" not in "\n".join(err)
     assert {p: p.read_bytes() for p in before} == before  # nothing given to it was changed
+
+
+def test_images_are_read_as_the_user_sees_them_or_refused_by_name(tmp_path):
+    """A 16-bit grayscale PNG (PIL's RGB conversion clips it to white) is scaled to 8 bits; a float TIFF (it
+    converts to black) is refused naming the file and its mode, or skipped and counted with --skip-bad-data."""
+    import numpy as np
+    from PIL import Image
+
+    from moco_scale.commands.pretrain import main
+    from moco_scale.data.datasets import DataError, image_folder
+
+    ramp = np.arange(48 * 48, dtype=np.uint16).reshape(48, 48) * 28
+    root = tmp_path / "data" / "train" / "a"
+    root.mkdir(parents=True)
+    Image.fromarray(ramp).save(root / "deep.png")
+    seen = np.asarray(image_folder(str(tmp_path / "data" / "train"))[0][0])
+    assert seen.shape == (48, 48, 3) and np.array_equal(seen[..., 1], (ramp >> 8).astype(np.uint8))
+    for i in range(15):
+        Image.new("RGB", (40, 40), (i * 10, 20, 90)).save(root / f"{i}.png")
+    Image.fromarray(np.random.rand(40, 40).astype(np.float32)).save(root / "float.tiff")
+    with pytest.raises(DataError, match=r"float\.tiff faithfully: mode F \(32-bit float"):
+        image_folder(str(tmp_path / "data" / "train"))[16]
+    args = ["pretrain", str(tmp_path / "data"), "-a", "vit_tiny", "--patch-size", "8", "--embed-dim", "32", "--depth",
+            "1", "--num-heads", "2", "--moco-dim", "16", "--moco-mlp-dim", "32", "--image-size", "32", "-b", "17",
+            "--max-steps", "1", "-j", "0", "--device", "cpu", "--optimizer", "adamw"]
+    assert main([*args[1:], "--output-dir", str(tmp_path / "r1")]) == 2
+    assert main([*args[1:], "--output-dir", str(tmp_path / "r2"), "--skip-bad-data"]) == 0
+    summary = json.loads((tmp_path / "r2" / "summary.json").read_text())
+    assert summary["skipped_images"] >= 1

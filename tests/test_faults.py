@@ -113,3 +113,66 @@ def test_a_full_disk_names_the_intact_checkpoint_and_leaves_no_partial_folder(tm
     assert steps(ckpts) == ["step_00000001"] and not list(ckpts.glob(".*.tmp"))
     assert (ckpts / "latest").read_text() == "step_00000001"
     verify_ok(ckpts / "step_00000001")
+
+
+def test_a_re_save_of_an_existing_step_moves_the_complete_one_aside(tmp_path, capsys):
+    """A run resumed from its own reference file into its folder saves the imported state as step_N at once;
+    the complete step_N already there (its optimizer state included) is moved aside, byte for byte, never
+    deleted or replaced."""
+    run, ckpts = tmp_path / "R", tmp_path / "R" / "checkpoints"
+    assert pretrain(run, "--max-steps", "2", "--save-every", "1", "--keep-last", "3") == 0
+    old = {f.name: f.read_bytes() for f in (ckpts / "step_00000002").iterdir()}
+    capsys.readouterr()
+    assert pretrain(run, "--max-steps", "3", "--resume", str(run / "checkpoint.pth.tar")) == 0
+    err = capsys.readouterr().err
+    assert f"{ckpts / 'step_00000002'} already existed" in err
+    kept = [folder for folder in every_complete(run)[2] if "superseded" in folder.parts]
+    assert len(kept) == 1 and {f.name: f.read_bytes() for f in kept[0].iterdir()} == old
+    assert steps(ckpts) == ["step_00000002", "step_00000003"]  # the new step 2 and 3 (--keep-last 2)
+
+
+def test_one_run_per_folder_and_a_killed_run_leaves_no_lock(tmp_path):
+    """A second launch into the folder of a live run stops at once naming the live run's host and pid; once
+    that run is killed (kill -9: no cleanup) the folder is free."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from helpers import BIN, REPO
+
+    run = tmp_path / "R"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([str(BIN / "moco-scale"), "pretrain", *RUN, "--max-steps", "5000", "--output-dir",
+                              str(run)], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (run / "config.json").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        second = main([*RUN, "--output-dir", str(run), "--resume", "auto", "--lr", "0.5"])
+        assert second == 2
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert main([*RUN, "--output-dir", str(run), "--resume", "auto", "--max-steps", "1"]) == 0
+
+
+def test_the_live_run_is_named(tmp_path, capsys):
+    """The refusal names the folder and the holder (host, pid), read from the lock file."""
+    import fcntl
+    import os
+    import socket
+
+    run = tmp_path / "R"
+    run.mkdir()
+    fd = os.open(run / ".lock", os.O_RDWR | os.O_CREAT)
+    os.write(fd, b"host elsewhere, pid 4242\n")
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another open file description: a live run, as far as flock is concerned
+    try:
+        assert main([*RUN, "--output-dir", str(run), "--max-steps", "1"]) == 2
+        err = capsys.readouterr().err
+        assert f"--output-dir {run} is in use by a live run (host elsewhere, pid 4242)" in err
+    finally:
+        os.close(fd)
+    assert main([*RUN, "--output-dir", str(run), "--max-steps", "1"]) == 0
+    assert f"host {socket.gethostname()}, pid {os.getpid()}" in (run / ".lock").read_text()

@@ -158,3 +158,19 @@ def test_first_ctrl_c_saves_like_sigterm_and_the_folder_asks_for_resume(tmp_path
     assert main([*args[2:], "--resume", "auto", "--max-steps", str(summary["steps"])]) == 0
     strict = json.loads((run / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
     assert strict["steps"] == summary["steps"] and strict["final_loss"] is None
+
+
+def test_sighup_saves_like_sigterm(tmp_path):
+    """A closed terminal or ssh session (SIGHUP) saves and exits 0, as SIGTERM does."""
+    run = tmp_path / "run"
+    proc = start([str(BIN / "moco-scale"), "pretrain", *COMMON, "--output-dir", str(run), "--epochs", "100",
+                  "--max-steps", "100000"], tmp_path / "log")
+    deadline = time.time() + 120
+    while not ((run / "metrics.jsonl").exists() and len(losses(run)) >= 1):
+        assert time.time() < deadline and proc.poll() is None, (tmp_path / "log").read_text()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGHUP)
+    assert finish([proc], timeout=120) == [0], (tmp_path / "log").read_text()[-3000:]
+    assert "SIGHUP: saved" in (tmp_path / "log").read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["interrupted"] and (run / "checkpoints" / f"step_{summary['steps']:08d}" / "meta.json").is_file()

@@ -200,6 +200,18 @@ class CheckpointManager:
                       f"abandoned timeline ({', '.join(sorted(f.name for f in later))}) to {aside}")
         self._point_latest()
 
+    def _set_aside(self, folder: Path) -> None:
+        """A folder of the step about to be saved, from an earlier run or timeline (an import from a reference
+        file re-saves its step at once): a complete one goes to superseded/, a damaged one to damaged/; no save
+        ever deletes or replaces a complete checkpoint."""
+        try:
+            verify(folder)
+            moved = move_aside(folder, self.root / "superseded" / time.strftime("%Y%m%d-%H%M%S"))
+        except ValueError:
+            moved = move_aside(folder, self.root / "damaged")
+        self.warn(f"moco-scale: warning: {folder} already existed (an earlier run or timeline); moved it to {moved} "
+                  f"rather than replacing it")
+
     def _point_latest(self) -> None:
         pointer = self.root / LATEST
         complete = [f for f in step_folders(self.root) if (f / META).is_file()]
@@ -257,8 +269,8 @@ class CheckpointManager:
             raise NoSpaceError(errno.ENOSPC, f"no space left on device while writing {tmp}; removed the partial "
                                f"folder; {intact or 'no earlier checkpoint'} is intact") from None
         if self.ctx.is_main:
-            if final.exists():  # the same step written by an earlier, abandoned run
-                shutil.rmtree(final)
+            if final.exists():  # the same step written by an earlier run or timeline: kept, never replaced
+                self._set_aside(final)
             os.replace(tmp, final)
             atomic_write_text(self.root / LATEST, name)
             self._retain()

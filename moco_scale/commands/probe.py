@@ -11,6 +11,7 @@ import sys
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 
 from moco_scale.checkpoint.reference import load_pretrained
 from moco_scale.checkpoint.resume import run_folder
@@ -18,7 +19,7 @@ from moco_scale.config import ConfigError
 from moco_scale.data import DataError, eval_transform
 from moco_scale.data.labelled import Splits, image_splits, shard_loader
 from moco_scale.dist import DistContext
-from moco_scale.eval.knn import extract, knn_accuracy
+from moco_scale.eval.knn import Features, extract, knn_accuracy
 from moco_scale.flags import nonnegative_int
 from moco_scale.models import MoCo, backbone_features, build_moco
 
@@ -40,8 +41,9 @@ def evaluate(model: MoCo, splits: Splits, transform) -> dict[str, float]:
     model.eval()
     ctx = DistContext(0, 1, 0, 1, torch.device("cpu"))
     train, val = (extract(partial(backbone_features, model.base_encoder), shard_loader(s, transform, 256, 1, 0),
-                          ctx.device) for s in (splits.train, splits.val))
-    knn = knn_accuracy(train, val, len(splits.classes), ctx, ks=(20,))["knn_top1"]
+                          ctx.device, normalize=False) for s in (splits.train, splits.val))
+    unit = [Features(F.normalize(f.feats, dim=1), f.labels) for f in (train, val)]
+    knn = knn_accuracy(*unit, len(splits.classes), ctx, ks=(20,))["knn_top1"]
     return {"knn_top1": knn, "linear_top1": linear_accuracy(train.feats, train.labels, val.feats, val.labels)}
 
 

@@ -23,13 +23,33 @@ class DataError(ValueError):
     """Missing, empty or unreadable data; the message names the path."""
 
 
+#: 16-bit integer pixels (16-bit grayscale PNG, TIFF): PIL's RGB conversion clips them to 255 (a white image);
+#: they are scaled to 8 bits instead
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def faithful_rgb(img: Image.Image, path: str) -> Image.Image:
+    """The picture a user sees, as 8-bit RGB: 16-bit pixels scaled (not clipped); pixels whose range is unknown
+    (32-bit float "F", 32-bit integer "I" outside a PNG) refused with the file and its mode, not trained on as
+    black or white."""
+    if img.mode in SIXTEEN_BIT or (img.mode == "I" and img.format == "PNG"):  # PIL reads 16-bit PNGs as "I"
+        pixels = np.asarray(img, dtype=np.uint32)
+        return Image.fromarray((pixels >> 8).astype(np.uint8), mode="L").convert("RGB")
+    if img.mode in ("F", "I"):
+        kind = "32-bit float" if img.mode == "F" else "32-bit integer"
+        raise DataError(f"cannot read image {path} faithfully: mode {img.mode} ({kind} pixels of unknown range); "
+                        "convert it to 8- or 16-bit first, or skip it with --skip-bad-data")
+    return img.convert("RGB")
+
+
 def _load_rgb(path: str) -> Image.Image:
     try:
         with open(path, "rb") as f:
             img = Image.open(f)
-            return img.convert("RGB")
+            img.load()
     except Exception as e:  # PIL raises several types for a bad file
         raise DataError(f"cannot read image {path}: {e}") from e
+    return faithful_rgb(img, path)
 
 
 def image_folder(root: str, allow_empty: bool = False) -> ImageFolder:

@@ -194,18 +194,27 @@ class DeepSpeedEngine(Engine):
 
     @torch.no_grad()
     def call(self, method: str, *inputs: torch.Tensor) -> torch.Tensor:
-        """ZeRO-3 prefetches by the module order it traced in training. After calls in another order its
-        coordinator left the next training step computing another loss (measured at world 2; releasing once
-        after a whole evaluation did not prevent it; tested in tests/test_knn.py), so each call ends by
-        releasing every gathered parameter and resetting the trace (DeepSpeed's empty_partition_cache)."""
         training = self.model.training
         self.model.eval()
+        self._forget_trace()
         try:
             return self._through.call(method, *self.inputs(inputs))
         finally:
             self.model.train(training)
-            if self.ds.zero_optimization_partition_weights():
-                self.ds.empty_partition_cache()
+            self._forget_trace()
+
+    def _forget_trace(self) -> None:
+        """ZeRO-3 prefetches asynchronously by the module order it traced in training. A call in another order,
+        with the training trace still complete, left the next training step computing another loss, now and
+        then (measured at world 2: tests/test_knn.py). Around each call every gathered parameter is released
+        and the trace invalidated (as DeepSpeed does when hooks change), so a call records rather than
+        prefetches, and the next training step records its own trace again."""
+        if not self.ds.zero_optimization_partition_weights():
+            return
+        self.ds.empty_partition_cache()
+        coordinator = self._ds_optimizer.parameter_offload.get_param_coordinator()
+        if not coordinator.is_invalid_trace():
+            coordinator._invalidate_trace()
 
     # -- state --------------------------------------------------------------------------------------
     def _full_base(self, p: torch.nn.Parameter) -> torch.Tensor:

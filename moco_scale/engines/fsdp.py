@@ -46,8 +46,10 @@ class FSDPEngine(TorchEngine):
         #: units the engine reshards itself, after forward and after backward (see _keep_gathered)
         self._reshard_after_forward_units: list[torch.nn.Module] = []
         self._reshard_after_backward_units: list[torch.nn.Module] = []
+        #: unit -> the unit its forward prefetches (the training order); empty with chunking
+        self._forward_prefetch: dict[torch.nn.Module, torch.nn.Module] = {}
         if not config.backbone_chunk:  # a chunked step runs in phases, and keeps its blocks gathered across them
-            self._prefetch(model, parts)
+            self._forward_prefetch = self._prefetch(model, parts)
         if self._reshard_after_forward:
             self._reshard_after_forward_units, self._reshard_after_backward_units = self._keep_gathered(
                 parts, last_block=not config.backbone_chunk)
@@ -80,7 +82,7 @@ class FSDPEngine(TorchEngine):
         fully_shard(model, **shard)
 
     @staticmethod
-    def _prefetch(model: TrainModule, parts: list[Part]) -> None:
+    def _prefetch(model: TrainModule, parts: list[Part]) -> dict[torch.nn.Module, torch.nn.Module]:
         """Explicit prefetch, as torchtitan and DINOv3: each block's forward issues the next unit's all-gather
         (a momentum encoder's no-grad forward too), each training block's backward the previous block's. A ViT
         runs in one order, blocks -> heads (projector, predictor) -> momentum blocks -> momentum head; a ResNet
@@ -89,14 +91,16 @@ class FSDPEngine(TorchEngine):
             for block, previous in zip(part.blocks[1:], part.blocks, strict=False):
                 block.set_modules_to_backward_prefetch([previous])
         order: list[torch.nn.Module] = []
+        forward: dict[torch.nn.Module, torch.nn.Module] = {}
         for part in parts:
             order += [*part.blocks, *part.heads]
             if not model.batch_views:
-                for block, nxt in zip(part.blocks, part.blocks[1:], strict=False):
-                    block.set_modules_to_forward_prefetch([nxt])
+                forward.update(zip(part.blocks, part.blocks[1:], strict=False))
         if model.batch_views:
-            for unit, nxt in zip(order, order[1:], strict=False):
-                unit.set_modules_to_forward_prefetch([nxt])
+            forward.update(zip(order, order[1:], strict=False))
+        for unit, nxt in forward.items():
+            unit.set_modules_to_forward_prefetch([nxt])
+        return forward
 
     @staticmethod
     def _keep_gathered(parts: list[Part], last_block: bool) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
@@ -167,7 +171,16 @@ class FSDPEngine(TorchEngine):
 
     @torch.no_grad()
     def call(self, method: str, *inputs: torch.Tensor) -> torch.Tensor:
-        out = super().call(method, *inputs)
+        """Without the training order's forward prefetch: a call ends elsewhere (a backbone's features), and the
+        unit its last block would prefetch (a momentum head) kept an all-gather from before the next momentum
+        update, which the next training forward then used (its loss changed: tests/test_knn.py)."""
+        for unit in self._forward_prefetch:
+            unit.set_modules_to_forward_prefetch([])
+        try:
+            out = super().call(method, *inputs)
+        finally:
+            for unit, nxt in self._forward_prefetch.items():
+                unit.set_modules_to_forward_prefetch([nxt])
         for unit in self._reshard_after_forward_units + self._reshard_after_backward_units:
             unit.reshard()  # kept gathered for a training step's backward, which an evaluation does not run
         return out

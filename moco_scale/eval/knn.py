@@ -40,12 +40,13 @@ class Features:
 
 @torch.no_grad()
 def extract(features_of: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, device: torch.device,
-            dtype: torch.dtype = torch.float32) -> Features:
-    """Features of every batch `loader` yields (this rank's share), normalised in fp32 and kept in `dtype`."""
+            dtype: torch.dtype = torch.float32, normalize: bool = True) -> Features:
+    """Features of every batch `loader` yields (this rank's share), L2-normalised in fp32 (what the kNN
+    compares; `normalize=False` keeps them raw) and kept in `dtype`."""
     feats, labels = [], []
     for x, y in loader:
-        f = features_of(x.to(device, non_blocking=True))
-        feats.append(F.normalize(f.float(), dim=1).to(dtype))
+        f = features_of(x.to(device, non_blocking=True)).float()
+        feats.append((F.normalize(f, dim=1) if normalize else f).to(dtype))
         labels.append(y.to(device))
     if not feats:
         raise ValueError("a rank got no image to evaluate: the split has fewer images than there are ranks")

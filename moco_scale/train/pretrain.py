@@ -120,7 +120,8 @@ def _knn_curve(cfg: PretrainConfig, splits: Splits | None, engine: Engine, ctx: 
         return None
     transform = eval_transform(cfg.model.img_size, resize=None if cfg.knn_data is None
                                else cfg.model.img_size * 256 // 224)
-    loaders = [shard_loader(s, transform, cfg.run.per_rank_batch, ctx.world_size, ctx.rank, workers)
+    # 2 x the per-rank batch: a training step's forward holds both views of its images, with their gradients
+    loaders = [shard_loader(s, transform, 2 * cfg.run.per_rank_batch, ctx.world_size, ctx.rank, workers)
                for s in (spread_subset(splits.train, cfg.knn_train_size), splits.val)]
     dtype = torch.float16 if ctx.device.type == "cuda" else torch.float32
 

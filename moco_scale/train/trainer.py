@@ -24,6 +24,7 @@ from moco_scale.dist import DistContext, StopRequest, mean_across_ranks
 from moco_scale.engines.base import Engine
 from moco_scale.telemetry import RunLogger, Throughput
 from moco_scale.train.config import RunConfig, finite
+from moco_scale.train.run import release_run
 
 #: the fractional epoch -> {"lr": ..., and "moco_m" for MoCo's momentum}
 Schedule = Callable[[float], dict[str, float]]
@@ -155,4 +156,5 @@ class Trainer:
                             f"{self.run.output_dir}/summary.json")
         self.logger.close()
         self.engine.close()
+        release_run(self.run.output_dir)
         return summary

@@ -130,18 +130,7 @@ def test_kill_9_of_one_rank_ends_the_job(tmp_path):
 def test_first_ctrl_c_saves_like_sigterm_and_the_folder_asks_for_resume(tmp_path):
     """One plain process: a first SIGINT (Ctrl-C) lost everything since the last save; now it saves and exits 0.
     Starting again in that folder without --resume names --resume auto first (not only --overwrite)."""
-    run = tmp_path / "run"
-    args = [str(BIN / "moco-scale"), "pretrain", *COMMON, "--output-dir", str(run), "--epochs", "100",
-            "--max-steps", "100000"]
-    proc = start(args, tmp_path / "log")
-    deadline = time.time() + 120
-    while not ((run / "metrics.jsonl").exists() and len(losses(run)) >= 2):
-        assert time.time() < deadline and proc.poll() is None, (tmp_path / "log").read_text()[-3000:]
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    assert finish([proc], timeout=120) == [0], (tmp_path / "log").read_text()[-3000:]
-    assert "SIGINT: saved" in (tmp_path / "log").read_text()
-    summary = json.loads((run / "summary.json").read_text())
+    run, args, summary = signal_a_running_run(tmp_path, signal.SIGINT)
     assert summary["interrupted"] and summary["steps"] < 100000
     assert (run / "checkpoints" / f"step_{summary['steps']:08d}" / "meta.json").is_file()
     reference = run / "checkpoint.pth.tar"  # written at epoch ends only: named only where it exists
@@ -160,17 +149,24 @@ def test_first_ctrl_c_saves_like_sigterm_and_the_folder_asks_for_resume(tmp_path
     assert strict["steps"] == summary["steps"] and strict["final_loss"] is None
 
 
-def test_sighup_saves_like_sigterm(tmp_path):
-    """A closed terminal or ssh session (SIGHUP) saves and exits 0, as SIGTERM does."""
+def signal_a_running_run(tmp_path: Path, sig: signal.Signals) -> tuple[Path, list[str], dict]:
+    """One plain process, signalled once it has logged twice: it says it saved, exits 0, and its summary says
+    it was interrupted. Returns the run folder, its command line and summary.json."""
     run = tmp_path / "run"
-    proc = start([str(BIN / "moco-scale"), "pretrain", *COMMON, "--output-dir", str(run), "--epochs", "100",
-                  "--max-steps", "100000"], tmp_path / "log")
+    args = [str(BIN / "moco-scale"), "pretrain", *COMMON, "--output-dir", str(run), "--epochs", "100",
+            "--max-steps", "100000"]
+    proc = start(args, tmp_path / "log")
     deadline = time.time() + 120
-    while not ((run / "metrics.jsonl").exists() and len(losses(run)) >= 1):
+    while not ((run / "metrics.jsonl").exists() and len(losses(run)) >= 2):
         assert time.time() < deadline and proc.poll() is None, (tmp_path / "log").read_text()[-3000:]
         time.sleep(0.2)
-    proc.send_signal(signal.SIGHUP)
+    proc.send_signal(sig)
     assert finish([proc], timeout=120) == [0], (tmp_path / "log").read_text()[-3000:]
-    assert "SIGHUP: saved" in (tmp_path / "log").read_text()
-    summary = json.loads((run / "summary.json").read_text())
+    assert f"{sig.name}: saved" in (tmp_path / "log").read_text()
+    return run, args, json.loads((run / "summary.json").read_text())
+
+
+def test_sighup_saves_like_sigterm(tmp_path):
+    """A closed terminal or ssh session (SIGHUP) saves and exits 0, as SIGTERM does."""
+    run, _, summary = signal_a_running_run(tmp_path, signal.SIGHUP)
     assert summary["interrupted"] and (run / "checkpoints" / f"step_{summary['steps']:08d}" / "meta.json").is_file()

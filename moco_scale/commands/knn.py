@@ -19,15 +19,13 @@ from typing import Any
 
 import torch
 
-from moco_scale.checkpoint.reference import CheckpointError, checkpoint_identity, pretrained_encoder
+from moco_scale.checkpoint.reference import checkpoint_identity, pretrained_encoder
 from moco_scale.checkpoint.resume import run_folder
-from moco_scale.config import ConfigError
-from moco_scale.data import DataError, eval_transform
-from moco_scale.data.labelled import image_splits, shard_loader, spread_subset
-from moco_scale.dist import init_distributed, shutdown, world_size_from_env
+from moco_scale.commands import run_evaluation
+from moco_scale.data.labelled import knn_splits, shard_loader, split_transform
+from moco_scale.dist import init_distributed, world_size_from_env
 from moco_scale.eval.knn import evaluate_knn
 from moco_scale.flags import nonnegative_int, positive_int
-from moco_scale.models import ARCHS
 from moco_scale.models.parts import backbone_features
 
 
@@ -55,14 +53,12 @@ def knn(args: argparse.Namespace) -> dict[str, Any]:
     them)."""
     encoder, _, state, settings = pretrained_encoder(args.pretrained, args.arch)
     size = settings.get("img_size") or 224
-    splits = image_splits(args.data, size)
-    train, world = spread_subset(splits.train, args.train_size), world_size_from_env()
-    if min(len(train), len(splits.val)) < world:
-        raise DataError(f"{splits.source}: {min(len(train), len(splits.val))} images in a split for {world} ranks")
+    splits = knn_splits(args.data, size, args.train_size, world_size_from_env())
+    train = splits.train
     ctx = init_distributed(args.device, require_group=False)
     encoder.load_state_dict(state, assign=True)
     encoder.to(ctx.device).eval()
-    transform = eval_transform(size, resize=None if args.data is None else size * 256 // 224)
+    transform = split_transform(args.data, size)
     loaders = [shard_loader(s, transform, args.batch_size, ctx.world_size, ctx.rank, args.workers)
                for s in (train, splits.val)]
     dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(args.features,
@@ -83,18 +79,7 @@ def knn(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.arch is not None and args.arch not in ARCHS:
-        print(f"moco-scale knn: error: unknown architecture -a {args.arch}", file=sys.stderr)
-        return 2
-    try:
-        knn(args)
-    except (ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"moco-scale knn: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown()
-    return 0
+    return run_evaluation("knn", knn, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -14,12 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moco_scale.checkpoint.reference import CheckpointError
-from moco_scale.config import ConfigError
-from moco_scale.data import DataError
-from moco_scale.dist import shutdown
+from moco_scale.commands import run_evaluation
 from moco_scale.flags import nonnegative_float, nonnegative_int, positive_float, positive_int, unit_interval
-from moco_scale.models import ARCHS
 from moco_scale.train.lincls import lincls
 
 
@@ -56,17 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.arch is not None and args.arch not in ARCHS:
-        print(f"moco-scale lincls: error: unknown architecture -a {args.arch}", file=sys.stderr)
-        return 2
-    try:
-        lincls(args)
-    except (ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"moco-scale lincls: error: {e}", file=sys.stderr)
-        return 2
-    shutdown()
-    return 0
+    return run_evaluation("lincls", lincls, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

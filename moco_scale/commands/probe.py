@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from moco_scale.checkpoint.reference import load_pretrained
 from moco_scale.checkpoint.resume import run_folder
 from moco_scale.config import ConfigError
-from moco_scale.data import DataError, eval_transform
-from moco_scale.data.labelled import Splits, image_splits, shard_loader
+from moco_scale.data import DataError
+from moco_scale.data.labelled import Splits, image_splits, shard_loader, split_transform
 from moco_scale.dist import DistContext
 from moco_scale.eval.knn import Features, extract, knn_accuracy
 from moco_scale.flags import nonnegative_int
@@ -73,7 +73,7 @@ def probe(args: argparse.Namespace) -> int:
     random_init = build_moco(**kwargs)  # the run's starting point when the seed matches
     size = kwargs.get("img_size") or 224
     splits = image_splits(args.data, size)
-    transform = eval_transform(size, resize=None if args.data is None else size * 256 // 224)
+    transform = split_transform(args.data, size)
     results = {"random_init": evaluate(random_init, splits, transform),
                "pretrained": evaluate(pretrained, splits, transform),
                "checkpoint": args.pretrained, "steps": meta.get("step")}

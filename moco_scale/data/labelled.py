@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from moco_scale.data.augment import keyed_rng
+from moco_scale.data.augment import eval_transform, keyed_rng
 from moco_scale.data.datasets import DataError, image_folder, load_digits_split
 
 
@@ -106,3 +106,19 @@ def spread_subset(samples: Sequence, n: int | None) -> Sequence:
     if n is None or n >= len(samples):
         return samples
     return Subset(samples, [i * len(samples) // n for i in range(n)])
+
+
+def split_transform(data: str | None, image_size: int) -> Callable:
+    """The evaluation transform of a split: Resize 256 + CenterCrop 224 (scaled to the model's size) for an
+    ImageFolder, none for the digits (already the model's size); then ToTensor + Normalize."""
+    return eval_transform(image_size, resize=None if data is None else image_size * 256 // 224)
+
+
+def knn_splits(data: str | None, image_size: int, train_size: int | None, world: int) -> Splits:
+    """The kNN's data: val whole, train spread down to `train_size`; each split must give every rank an image."""
+    splits = image_splits(data, image_size)
+    splits = replace(splits, train=spread_subset(splits.train, train_size))
+    if min(len(splits.train), len(splits.val)) < world:
+        raise DataError(f"{splits.source}: {min(len(splits.train), len(splits.val))} images in a split for "
+                        f"{world} ranks")
+    return splits

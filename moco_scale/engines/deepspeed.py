@@ -204,9 +204,9 @@ class DeepSpeedEngine(Engine):
             self._forget_trace()
 
     def _forget_trace(self) -> None:
-        """ZeRO-3 prefetches asynchronously by the module order it traced in training. A call in another order,
-        with the training trace still complete, left the next training step computing another loss, now and
-        then (measured at world 2: tests/test_knn.py). Around each call every gathered parameter is released
+        """ZeRO-3 prefetches asynchronously by the module order it traced in training (as FSDP's explicit
+        prefetch, see FSDPEngine.call): a call in another order left the next training step computing another
+        loss (measured at world 2: tests/test_knn.py). Around each call every gathered parameter is released
         and the trace invalidated (as DeepSpeed does when hooks change), so a call records rather than
         prefetches, and the next training step records its own trace again."""
         if not self.ds.zero_optimization_partition_weights():

@@ -87,9 +87,9 @@ def _local_topk(query: torch.Tensor, train: Features, k: int, chunk: int) -> tup
 def _exchange(sim: torch.Tensor, labels: torch.Tensor, k: int, ctx: DistContext) -> tuple[torch.Tensor, torch.Tensor]:
     """Every rank's candidates for the same query rows, merged into the global k nearest (sorted)."""
     if ctx.is_distributed and ctx.world_size > 1:
-        width = k  # a rank with fewer than k train images pads with -inf, which never wins
-        sim = F.pad(sim, (0, width - sim.shape[1]), value=float("-inf"))
-        labels = F.pad(labels, (0, width - labels.shape[1]))
+        # a rank with fewer than k train images pads with -inf, which never wins
+        sim = F.pad(sim, (0, k - sim.shape[1]), value=float("-inf"))
+        labels = F.pad(labels, (0, k - labels.shape[1]))
         sims = [torch.empty_like(sim) for _ in range(ctx.world_size)]
         labs = [torch.empty_like(labels) for _ in range(ctx.world_size)]
         dist.all_gather(sims, sim)

@@ -21,9 +21,9 @@ from moco_scale.checkpoint.manager import CheckpointManager
 from moco_scale.checkpoint.reference import checkpoint_identity, pretrained_encoder
 from moco_scale.checkpoint.resume import Resume, find_resume
 from moco_scale.config import ConfigError
-from moco_scale.data import GlobalBatchSampler, eval_transform
+from moco_scale.data import GlobalBatchSampler
 from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from moco_scale.data.labelled import Keyed, Splits, image_splits, shard_loader
+from moco_scale.data.labelled import Keyed, Splits, image_splits, shard_loader, split_transform
 from moco_scale.dist import DistContext, init_distributed, world_size_from_env
 from moco_scale.engines import DDPConfig
 from moco_scale.eval.linear import LinearClassifier, accuracy, per_epoch_cosine
@@ -69,7 +69,7 @@ def _transforms(size: int, data: str | None) -> tuple[T.Compose, T.Compose]:
     evaluate; the digits are already the model's size."""
     train = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
                        T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    return train, eval_transform(size, resize=None if data is None else size * 256 // 224)
+    return train, split_transform(data, size)
 
 
 def _loaders(cfg: LinclsConfig, splits: Splits, size: int, ctx: DistContext) -> tuple[DataLoader, DataLoader]:

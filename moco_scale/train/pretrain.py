@@ -19,9 +19,8 @@ from moco_scale.checkpoint.manager import CheckpointManager
 from moco_scale.checkpoint.reference import reference_start, write_reference_file
 from moco_scale.checkpoint.resume import Resume, check_resumable, find_resume, reference_weights
 from moco_scale.config import ConfigError
-from moco_scale.data import BUILTIN_IMAGE_SIZE, DataError, DeviceFeed, KeyedTwoViews, pretrain_dataset, pretrain_loader
-from moco_scale.data.augment import eval_transform
-from moco_scale.data.labelled import Splits, image_splits, shard_loader, spread_subset
+from moco_scale.data import BUILTIN_IMAGE_SIZE, DeviceFeed, KeyedTwoViews, pretrain_dataset, pretrain_loader
+from moco_scale.data.labelled import Splits, knn_splits, shard_loader, split_transform
 from moco_scale.dist import DistContext, init_distributed, loader_workers, world_size_from_env
 from moco_scale.engines import EngineConfig, load_engine_config
 from moco_scale.engines.base import Engine
@@ -118,11 +117,10 @@ def _knn_curve(cfg: PretrainConfig, splits: Splits | None, engine: Engine, ctx: 
     from torch's generator and leaves every module's mode as it was: the trajectory is the run's without it."""
     if splits is None:
         return None
-    transform = eval_transform(cfg.model.img_size, resize=None if cfg.knn_data is None
-                               else cfg.model.img_size * 256 // 224)
+    transform = split_transform(cfg.knn_data, cfg.model.img_size)
     # 2 x the per-rank batch: a training step's forward holds both views of its images, with their gradients
     loaders = [shard_loader(s, transform, 2 * cfg.run.per_rank_batch, ctx.world_size, ctx.rank, workers)
-               for s in (spread_subset(splits.train, cfg.knn_train_size), splits.val)]
+               for s in (splits.train, splits.val)]
     dtype = torch.float16 if ctx.device.type == "cuda" else torch.float32
 
     def evaluate(epoch: float) -> dict[str, float]:
@@ -138,17 +136,6 @@ def _knn_curve(cfg: PretrainConfig, splits: Splits | None, engine: Engine, ctx: 
     return evaluate
 
 
-def _knn_splits(cfg: PretrainConfig, world: int) -> Splits | None:
-    """The kNN curve's data, checked before any process group exists."""
-    if not cfg.knn_every:
-        return None
-    splits = image_splits(cfg.knn_data, cfg.model.img_size)
-    train = spread_subset(splits.train, cfg.knn_train_size)
-    if min(len(train), len(splits.val)) < world:
-        raise DataError(f"--knn-data {splits.source}: fewer images in a split than the {world} ranks")
-    return splits
-
-
 def _data(cfg: PretrainConfig) -> tuple[PretrainConfig, KeyedTwoViews]:
     dataset = pretrain_dataset(cfg.data, cfg.model.img_size, cfg.crop_min, cfg.run.seed, cfg.skip_bad_data,
                                cfg.augment)
@@ -160,7 +147,8 @@ def build_pretraining(args: argparse.Namespace) -> tuple[Trainer, PretrainConfig
     data, the checkpoint to resume), then the process group, the engine on a meta-device model, the folder."""
     cfg, dataset = _data(PretrainConfig.from_args(args))
     cfg, resume = _resume(cfg, len(dataset))
-    knn_splits = _knn_splits(cfg, cfg.run.world_size)
+    knn_data = knn_splits(cfg.knn_data, cfg.model.img_size, cfg.knn_train_size, cfg.run.world_size) \
+        if cfg.knn_every else None  # checked before any process group exists
     ctx = init_distributed(cfg.device, cfg.dist_timeout, require_group=cfg.engine.needs_process_group)
     torch.manual_seed(cfg.run.seed)
     model = cfg.model.build(device="meta")
@@ -188,7 +176,7 @@ def build_pretraining(args: argparse.Namespace) -> tuple[Trainer, PretrainConfig
                       cfg.schedule, manager, record,
                       flops_per_image=step_flops_per_image(cfg.model.to_dict())["train"],
                       peak_tflops=cfg.peak_tflops or peak_tflops(ctx.device, engine.precision),
-                      watch=model.first_layer_names(), evaluate=_knn_curve(cfg, knn_splits, engine, ctx, workers))
+                      watch=model.first_layer_names(), evaluate=_knn_curve(cfg, knn_data, engine, ctx, workers))
     manager.track(engine, trainer, exporter=lambda: write_reference_file(
         engine, reference_path(cfg), cfg.model.arch, trainer.step, cfg.run.iters_per_epoch, cfg.model.to_dict()))
     _restore(trainer, manager, resume, say)

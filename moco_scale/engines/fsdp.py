@@ -25,9 +25,6 @@ from moco_scale.models.init import InitialState
 from moco_scale.models.parts import Part, TrainModule
 from moco_scale.optim import OptimizerSpec, local_shard
 
-#: model methods an evaluation calls through the root's hooks (engine.call), beside the phases (each registered once)
-EVAL_METHODS = ("base_features", "momentum_features")
-
 
 class FSDPEngine(TorchEngine):
     """FSDP2 full shard (`reshard_after_forward: true`) or gradient/optimizer sharding only (false)."""
@@ -54,7 +51,9 @@ class FSDPEngine(TorchEngine):
             self._reshard_after_forward_units, self._reshard_after_backward_units = self._keep_gathered(
                 parts, last_block=not config.backbone_chunk)
         self._pairs = [(m, b) for _, m, b in model.momentum_pairs()]
-        for method in (*PHASES, *EVAL_METHODS):  # the root's hooks (gather, reshard) run around each, as forward
+        # the root's hooks (gather, reshard) run around each phase, as around forward; evaluations call the
+        # phases' base_features / momentum_features too (the kNN curve)
+        for method in PHASES:
             if hasattr(model, method):
                 register_fsdp_forward_method(model, method)
         self._chunks = PhasedChunks(model, config.backbone_chunk) if config.backbone_chunk else None

@@ -38,7 +38,8 @@ class Phases(Protocol):
 
 class ChunkPhases:
     """The phase methods of MoCo a phased chunked step calls one at a time, through the engine's wrapped module
-    (MoCo inherits them; `PHASES` names them for the engines that route them)."""
+    (MoCo inherits them; `PHASES` names them for the engines that route them). An evaluation between steps
+    calls base_features / momentum_features the same way (Engine.call: the kNN curve)."""
 
     base_encoder: torch.nn.Module
     momentum_encoder: torch.nn.Module

@@ -109,14 +109,6 @@ class MoCo(ChunkPhases, TrainModule):
         head = projector(encoder)
         return head(f1), head(f2)
 
-    # -- evaluation (kNN while pretraining): engines call these through their wrapping (Engine.call) ----------
-    def base_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The base encoder's backbone features: what linear evaluation and fine-tuning start from."""
-        return backbone_features(self.base_encoder, x)
-
-    def momentum_features(self, x: torch.Tensor) -> torch.Tensor:
-        return backbone_features(self.momentum_encoder, x)
-
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, m: float | None = None) -> torch.Tensor:
         """The symmetric loss of the two views, called as the reference's module is: `model(x1, x2, m)` first
         moves the momentum encoder with m; engines update it themselves and pass no m."""

@@ -10,7 +10,9 @@
 #   4. hot_path.md     ViT-B/16 batch 256, DDP and FSDP bf16: shipped, and with one part of the hot path changed
 #                      (unfused AdamW, FSDP's implicit prefetch, per-block torch.compile)
 #   5. chunking.md     ViT-B/16 per-GPU batch 4096 with backbone chunking K = 128 against unchunked 256
-#   6. data.md         the data path alone, --augment cpu (the reference pipeline in the workers) and device
+#   6. finetune.md     the fine-tuning step (ViT-B/16, MAE's layer-decay groups, batch 128): a plain timm + AdamW
+#                      bf16 step against moco-scale's DDP, FSDP and ZeRO-3 steps: ms/step, img/s, peak memory
+#   7. data.md         the data path alone, --augment cpu (the reference pipeline in the workers) and device
 #                      (the views made on the GPU), 4-14 workers, JPEGs from scikit-image's photos, against
 #                      the images/s the ViT-B step consumes
 #
@@ -79,20 +81,23 @@ if [ $DRY = 1 ]; then
     --ac 0 --steps 1 --variants shipped unfused no_prefetch compiled --budget-s 90
   stage chunking 60 scripts/bench_chunking.py --device cpu --precision bf16 -a vit_tiny --image-size 32 \
     --batches 8 --chunks 0 8 --steps 1
+  stage finetune 60 scripts/bench_finetune.py --device cpu --tiny --batch 8 --steps 1 --engines ddp_bf16 fsdp zero3
   stage data 60 scripts/bench_data.py --workers 0 2 --count 64 --size 96 --batch 16 --batches 2 \
     --step-json "$OUT/bench_gpu.json"
 else
   stage equivalence 50 tests/gpu_equivalence.py --device cuda
-  stage bench_vit 130 scripts/bench_gpu.py --archs vit_base vit_small --engines ddp_bf16 fsdp zero2 zero3 \
-    --batches 256 128 --ac 0 1 --steps 4 --budget-s 115 --json "$OUT/bench_gpu.json"
+  stage bench_vit 120 scripts/bench_gpu.py --archs vit_base vit_small --engines ddp_bf16 fsdp zero2 zero3 \
+    --batches 256 128 --ac 0 1 --steps 4 --budget-s 105 --json "$OUT/bench_gpu.json"
   stage bench_resnet 40 scripts/bench_gpu.py --archs resnet50 --engines ddp_bf16 --optimizer lars \
     --batches 128 --ac 0 --channels-last 0 1 --steps 4 --budget-s 30
-  stage hot_path 85 scripts/bench_gpu.py --archs vit_base --engines ddp_bf16 fsdp --batches 256 --ac 0 --steps 4 \
-    --variants shipped unfused no_prefetch compiled --budget-s 75
+  stage hot_path 75 scripts/bench_gpu.py --archs vit_base --engines ddp_bf16 fsdp --batches 256 --ac 0 --steps 4 \
+    --variants shipped unfused no_prefetch compiled --budget-s 65
   stage chunking 60 scripts/bench_chunking.py --device cuda --precision bf16 --image-size 224 -a vit_base \
     --batches 256 4096 --chunks 0 128 --steps 2
-  stage data 75 scripts/bench_data.py --device cuda --augment cpu device --workers 4 8 14 --count 512 \
-    --batch 128 --batches 3 --budget-s 55 --step-json "$OUT/bench_gpu.json"
+  stage finetune 40 scripts/bench_finetune.py --device cuda --arch vit_base --batch 128 --steps 4 \
+    --engines ddp_bf16 fsdp zero3
+  stage data 65 scripts/bench_data.py --device cuda --augment cpu device --workers 4 8 14 --count 512 \
+    --batch 128 --batches 3 --budget-s 50 --step-json "$OUT/bench_gpu.json"
 fi
 echo "gpu_check: tables in $OUT (*.md), log in $OUT/log.txt; exit $status"
 exit $status

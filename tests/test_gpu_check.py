@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from helpers import BIN, REPO
 
-TABLES = ("equivalence", "bench_vit", "bench_resnet", "hot_path", "chunking", "data")
+TABLES = ("equivalence", "bench_vit", "bench_resnet", "hot_path", "chunking", "finetune", "data")
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import torch
 from moco_scale.checkpoint.io import atomic_save, load_checkpoint
 from moco_scale.checkpoint.manager import META, find_latest, verify
 from moco_scale.models import ARCHS, MoCo, UnknownArchError, build_moco
+from moco_scale.models.resnet import RESNET_ARCHS
 from moco_scale.models.vit import VIT_ARCHS
 
 if TYPE_CHECKING:
@@ -174,10 +175,12 @@ def checkpoint_identity(path: str) -> dict[str, Any]:
     return {"path": str(folder), "step": meta["step"], "saved_at": meta["saved_at"]}
 
 
-def backbone_state(path: str, arch: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def backbone_state(path: str, arch: str | None = None,
+                   ckpt: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The pretrained base backbone of any checkpoint (without the projector: timm's/torchvision's key names)
-    and its model settings; another architecture than `arch` is refused."""
-    ckpt = read_any_checkpoint(path)
+    and its model settings (`ckpt`: the file's contents, already read); another architecture than `arch` is
+    refused."""
+    ckpt = read_any_checkpoint(path) if ckpt is None else ckpt
     state, settings = checked_state_dict(ckpt, path)
     if arch is not None and arch != settings["arch"]:
         raise CheckpointError(f"--pretrained {path} holds {settings['arch']}, not -a {arch}")
@@ -204,3 +207,62 @@ def pretrained_encoder(path: str, arch: str | None = None) -> tuple[torch.nn.Mod
     dim = projector(encoder)[0].in_features
     setattr(encoder, head_name(encoder), nn.Identity())
     return encoder, dim, state, settings
+
+
+# -- a backbone for fine-tuning: any checkpoint, exports included ---------------------------------------
+def _export_settings(weights: dict[str, torch.Tensor], path: str, arch: str | None) -> dict[str, Any]:
+    """A DeiT/timm/torchvision export's model settings, read from its tensors; the heads, which no tensor shows,
+    are MoCo v3's for the architecture (`-a`, or the one whose width and depth the tensors have)."""
+    if "cls_token" in weights:
+        dim = weights["cls_token"].shape[-1]
+        depth = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("blocks."))
+        conv = "patch_embed.proj.0.weight" in weights
+        if arch is None:
+            found = [a for a, s in VIT_ARCHS.items() if (s.embed_dim, s.depth, s.conv_stem) == (dim, depth, conv)]
+            if not found:
+                raise CheckpointError(f"{path}: a ViT of width {dim} and depth {depth} is none of moco-scale's "
+                                      f"architectures; name it with -a (and its --num-heads)")
+            arch = found[0]
+        if arch not in VIT_ARCHS:
+            raise CheckpointError(f"{path} holds a ViT, not -a {arch}")
+        settings: dict[str, Any] = {"arch": arch, "embed_dim": dim, "depth": depth}
+        if not conv:
+            settings["patch_size"] = weights["patch_embed.proj.weight"].shape[-1]
+            settings["img_size"] = math.isqrt(weights["pos_embed"].shape[1] - 1) * settings["patch_size"]
+        return settings
+    if "layer4.0.conv1.weight" not in weights:
+        raise CheckpointError(f"{path} holds neither a MoCo v3 checkpoint ('state_dict') nor a ViT or ResNet backbone")
+    guess = "resnet50" if "layer1.0.conv3.weight" in weights else None
+    arch = arch or guess
+    if arch not in RESNET_ARCHS:
+        raise CheckpointError(f"{path} holds a ResNet backbone: name its architecture with -a")
+    return {"arch": arch}
+
+
+def pretrained_backbone(path: str, arch: str | None = None,
+                        num_heads: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The backbone tensors (timm/torchvision names, no head) and model settings of any checkpoint moco-scale
+    writes or reads (a run or step folder, a reference-format file) or of a DeiT/timm/torchvision export. A
+    `num_heads` other than the checkpoint's recorded count is refused: qkv has one shape for any head count, so
+    such a model would load the weights and compute something else."""
+    from moco_scale.models.classifier import SHAPE_KEYS
+
+    p = Path(path)
+    ckpt = None if p.is_dir() else load_checkpoint(path)
+    if ckpt is None or (isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict)):
+        state, settings = backbone_state(path, arch, ckpt)
+        recorded = settings.get("num_heads") or VIT_ARCHS.get(settings["arch"], VIT_ARCHS["vit_small"]).num_heads
+        if num_heads is not None and settings["arch"] in VIT_ARCHS and num_heads != recorded:
+            raise CheckpointError(f"--num-heads {num_heads}: {path} was trained with {recorded} heads; qkv has the "
+                                  f"same shape for any head count, so a {num_heads}-head model would load it and "
+                                  "compute other features")
+        return state, {k: v for k, v in settings.items() if k in SHAPE_KEYS}
+    weights = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(weights, dict) or not weights or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"{path} holds neither 'state_dict' (MoCo v3), 'model' (DeiT) nor a tensor dict "
+                              "(timm, torchvision)")
+    weights = {k: v for k, v in weights.items() if not k.startswith(("head.", "fc.", "head_dist."))}
+    settings = _export_settings(weights, path, arch)
+    if settings["arch"] in VIT_ARCHS:
+        settings["num_heads"] = num_heads or VIT_ARCHS[settings["arch"]].num_heads
+    return weights, settings

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import random
 from collections.abc import Iterator
 
 import numpy as np
@@ -25,15 +26,23 @@ SOLARIZE_AT = 128
 
 
 @contextlib.contextmanager
-def keyed_rng(*key: int) -> Iterator[None]:
-    """Seed torch's CPU generator from `key` inside the block and restore it after."""
+def keyed_rng(*key: int, every_generator: bool = False) -> Iterator[None]:
+    """Seed torch's CPU generator from `key` inside the block and restore it after; with `every_generator`
+    Python's `random` and NumPy's global generator too (timm's transforms draw from them)."""
     seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, dtype=np.uint64)[0])
     state = torch.get_rng_state()
+    others = (random.getstate(), np.random.get_state()) if every_generator else None
     torch.default_generator.manual_seed(seed)
+    if others is not None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
     try:
         yield
     finally:
         torch.set_rng_state(state)
+        if others is not None:
+            random.setstate(others[0])
+            np.random.set_state(others[1])
 
 
 class GaussianBlur:

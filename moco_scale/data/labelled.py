@@ -57,20 +57,20 @@ def image_splits(data: str | None, image_size: int) -> Splits:
 
 
 class Keyed(Dataset):
-    """(transform(image), label) of `samples`; a key (epoch, index) seeds the transform's randomness (training),
-    a plain index runs it as it is (evaluation transforms are deterministic)."""
+    """(transform(image), label) of `samples`; a key (epoch, index[, repeat]) seeds the transform's randomness
+    (training; `every_generator`: Python's and NumPy's too, for timm's transforms), a plain index runs it as it
+    is (evaluation transforms are deterministic)."""
 
-    def __init__(self, samples: Sequence, transform: Callable, seed: int = 0) -> None:
-        self.samples, self.transform, self.seed = samples, transform, seed
+    def __init__(self, samples: Sequence, transform: Callable, seed: int = 0, every_generator: bool = False) -> None:
+        self.samples, self.transform, self.seed, self.every_generator = samples, transform, seed, every_generator
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, ...]) -> tuple[torch.Tensor, int]:
         if isinstance(key, tuple):
-            epoch, index = key
-            img, label = self.samples[index]
-            with keyed_rng(self.seed, epoch, index):
+            img, label = self.samples[key[1]]
+            with keyed_rng(self.seed, *key, every_generator=self.every_generator):
                 return self.transform(img), label
         img, label = self.samples[key]
         return self.transform(img), label

@@ -105,3 +105,28 @@ def test_plan_command_prints_the_table_and_a_setup_that_fits():
 def test_plan_names_the_flags_of_a_bad_split():
     res = run_cli(["plan", "-b", "100", "--nodes", "3", "--gpus-per-node", "8"])
     assert res.returncode == 2 and "-b 100" in res.stderr and "--nodes 3" in res.stderr, res.stderr
+
+
+def test_plan_finetune_counts_one_view_and_the_classifier():
+    """--finetune plans the classifier (timm's ViT with a 1000-way head, nothing of MoCo's) on one view per image."""
+    import dataclasses
+
+    import timm
+
+    from moco_scale import build_moco
+    from moco_scale.commands.plan import Setup, _classifier, estimate
+    from moco_scale.engines.memory import model_shapes, numel
+
+    kwargs = {"arch": "vit_small", "img_size": 64}
+    shapes = model_shapes(_classifier(kwargs, 1000))
+    vit = timm.create_model("vit_small_patch16_224", img_size=64, num_classes=1000, pretrained=False)
+    assert numel(shapes.trainable) == sum(p.numel() for p in vit.parameters()) and not shapes.momentum
+    profile = activation_profile(kwargs)
+    setup = Setup(engine_config("ddp"), 1, 0, 0)
+    ft = estimate(kwargs, shapes, profile, setup, 16, "fp32", finetune=True)
+    pre = estimate(kwargs, model_shapes(build_moco(**kwargs, seed=0, device="meta")), profile, setup, 16, "fp32")
+    assert ft["crops_per_rank"] == 16 == pre["crops_per_rank"] // 2 and ft["momentum"] == 0
+    assert ft["activations"] == activation_bytes(dataclasses.replace(profile, heads=0), crops=16)
+    res = run_cli(["plan", "--finetune", "-a", "vit_small", "-b", "64", "--nodes", "1", "--gpus-per-node", "2",
+                   "--engine-config", engine_config("fsdp"), "--image-size", "64"])
+    assert res.returncode == 0 and "plan --finetune" in res.stdout and "backbone chunk" in res.stdout, res.stderr

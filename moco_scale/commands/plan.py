@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -107,13 +107,17 @@ class Setup:
 
 
 def estimate(model_kwargs: dict[str, Any], shapes: Shapes, profile: ActivationProfile, setup: Setup,
-             global_batch: int, precision: str | None = None, optimizer: str = "adamw") -> dict[str, Any]:
+             global_batch: int, precision: str | None = None, optimizer: str = "adamw",
+             finetune: bool = False) -> dict[str, Any]:
     """Per-GPU bytes of a setup: the engine's own model of its state, buffers and traffic (its class methods),
-    the activations, and the InfoNCE keys every rank gathers."""
+    the activations, and the InfoNCE keys every rank gathers. `finetune`: one view per image, `shapes` those of
+    the classifier (no momentum encoder, no projector or predictor), no keys."""
     cfg = load_engine_config(setup.engine_config, global_batch, setup.world)
     engine = cfg.engine_class
     prec = gpu_precision(cfg, precision)
-    crops = 2 * global_batch // setup.world
+    crops = (1 if finetune else 2) * global_batch // setup.world
+    if finetune:
+        profile = replace(profile, heads=0)  # a Linear head saves only the feature, counted by the backbone
     state = engine.state_bytes(shapes, cfg, setup.world, 0, prec, optimizer)
     chunks = math.ceil(crops / setup.chunk) if setup.chunk else 1
     acts = activation_bytes(profile, crops, setup.ac_every, setup.chunk, prec)
@@ -121,7 +125,7 @@ def estimate(model_kwargs: dict[str, Any], shapes: Shapes, profile: ActivationPr
     acts_ac = activation_bytes(profile, crops, 1, setup.chunk, prec)
     extra = engine.buffer_bytes(shapes, cfg, prec, setup.chunk)
     total = sum(state.values()) + acts + extra
-    keys = 2 * ring(setup.world) * global_batch * model_kwargs.get("moco_dim", 256) * 4  # both views' keys
+    keys = 0 if finetune else 2 * ring(setup.world) * global_batch * model_kwargs.get("moco_dim", 256) * 4
     comm = 0 if setup.world == 1 else int(engine.comm_bytes(shapes, cfg, setup.world, prec, chunks) + keys)
     return {"setup": setup, "engine": cfg.label, "precision": prec, "crops_per_rank": crops, **state,
             "activations": acts, "activations_no_ac": acts_plain, "activations_ac": acts_ac, "buffers": extra,
@@ -163,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(default: what the engine JSON gives on a bf16 GPU)")
     p.add_argument("--optimizer", default=None, choices=("adamw", "lars"), help="(default: lars for ResNet)")
     p.add_argument("--image-size", type=positive_int, default=224)
+    p.add_argument("--finetune", action="store_true",
+                   help="plan `moco-scale finetune` instead: one view per image, the classifier's state (no momentum "
+                   "encoder, projector or predictor)")
+    p.add_argument("--classes", type=positive_int, default=1000, help="--finetune's classifier width")
     p.add_argument("--moco-dim", type=positive_int, default=256)
     p.add_argument("--moco-mlp-dim", type=positive_int, default=4096)
     return p
@@ -182,21 +190,35 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = args.optimizer or ("adamw" if args.arch.startswith("vit") else "lars")
     kwargs = {"arch": args.arch, "img_size": args.image_size, "moco_dim": args.moco_dim,
               "moco_mlp_dim": args.moco_mlp_dim}
-    shapes = model_shapes(build_moco(**kwargs, seed=0, device="meta"))
+    shapes = model_shapes(_classifier(kwargs, args.classes) if args.finetune else
+                          build_moco(**kwargs, seed=0, device="meta"))
     profile = activation_profile(kwargs)
     ac = cfg.activation_checkpointing if args.activation_checkpointing is None else args.activation_checkpointing
     chunk = cfg.backbone_chunk if args.backbone_chunk is None else args.backbone_chunk
+    if args.finetune and chunk:
+        print("moco-scale plan: error: --backbone-chunk is for pretraining (a loss over the whole per-rank batch); "
+              "fine-tuning runs without it", file=sys.stderr)
+        return 2
     given = Setup(args.engine_config, world, ac, chunk)
-    e = estimate(kwargs, shapes, profile, given, args.batch_size, args.precision, optimizer)
+    e = estimate(kwargs, shapes, profile, given, args.batch_size, args.precision, optimizer, args.finetune)
     budget = (1 - args.headroom) * args.gpu_memory * GIB
     print_estimate(args, e, world, optimizer, ac, chunk, budget)
     smallest_fit(args, kwargs, shapes, profile, world, optimizer, ac, chunk, budget)
     return 0
 
 
+def _classifier(kwargs: dict[str, Any], classes: int) -> torch.nn.Module:
+    """The fine-tuning model of `kwargs`' architecture on the meta device (shapes only)."""
+    from moco_scale.models.classifier import build_classifier
+
+    return build_classifier({k: v for k, v in kwargs.items() if k in ("arch", "img_size")}, classes, 0.0,
+                            torch.nn.CrossEntropyLoss(), seed=0)
+
+
 def print_estimate(args: argparse.Namespace, e: dict[str, Any], world: int, optimizer: str, ac: int, chunk: int,
                    budget: float) -> None:
-    print(f"# moco-scale plan: {args.arch} {args.image_size}px, global batch {args.batch_size} over {world} GPUs "
+    mode = " --finetune" if args.finetune else ""
+    print(f"# moco-scale plan{mode}: {args.arch} {args.image_size}px, global batch {args.batch_size} over {world} GPUs "
           f"({e['crops_per_rank']} crops per GPU), {Path(args.engine_config).name} ({e['engine']}, {e['precision']}), "
           f"{optimizer}, activation checkpointing {ac or 'off'}, backbone chunk {chunk or 'off'}")
     print("| per GPU | GiB |\n|---|---|")
@@ -221,8 +243,10 @@ def smallest_fit(args: argparse.Namespace, kwargs: dict[str, Any], shapes: Shape
     for w in sorted({2**k for k in range(0, 11) if 2**k <= world} | {world}):
         if args.batch_size % w:
             continue
-        fits = [x for x in (estimate(kwargs, shapes, profile, s, args.batch_size, args.precision, optimizer)
-                            for s in candidate_setups(w, Setup(args.engine_config, w, ac, chunk)))
+        fits = [x for x in (estimate(kwargs, shapes, profile, s, args.batch_size, args.precision, optimizer,
+                                     args.finetune)
+                            for s in candidate_setups(w, Setup(args.engine_config, w, ac, chunk))
+                            if not (args.finetune and s.chunk))  # chunking is pretraining's
                 if x["total"] <= budget]
         if fits:
             s = fits[0]["setup"]

@@ -17,6 +17,21 @@ from moco_scale.cli import main
 
 JUNK, JSON, CKPT, DATA, FAIRSCALE, TYPO = "@junk", "@json", "@ckpt", "@data", "@fairscale", "@typo"  # see `files`
 COMPILE, DS_COMPILE = "@compile", "@ds_compile"
+UTF16, BOM, RUN = "@utf16", "@bom", "@run"
+#: DeepSpeed JSONs with a value of the wrong type or kind (files: the `files` fixture writes them)
+DS_WRONG = {
+    "@bf16_bool": ({"bf16": True}, "key 'bf16' must be an object {\"enabled\": true}, not true"),
+    "@enabled_string": ({"bf16": {"enabled": "true"}}, "key 'bf16.enabled' must be true, false or \"auto\", not "
+                        "\"true\" (a string: DeepSpeed would train in fp32)"),
+    "@offload_no_force": ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+                          "add \"zero_force_ds_cpu_optimizer\": false"),
+    "@nvme_no_path": ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}},
+                       "zero_force_ds_cpu_optimizer": False}, "'zero_optimization.offload_param.nvme_path' must name"),
+    "@nvme_file": ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": "@FILE"}},
+                    "zero_force_ds_cpu_optimizer": False}, "is a file, not a folder"),
+    "@param_offload_stage2": ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}},
+                               "zero_force_ds_cpu_optimizer": False}, "needs stage 3"),
+}
 
 CASES: list[tuple[list[str], str]] = [
     # numeric flags: the range each takes, checked by argparse (moco_scale/flags.py)
@@ -56,6 +71,21 @@ CASES: list[tuple[list[str], str]] = [
     (["pretrain", "--engine-config", DS_COMPILE, "-b", "16"], "compile is not offered under DeepSpeed"),
     (["pretrain", "--engine-config", COMPILE, "-a", "resnet_tiny", "-b", "16", "-j", "0", "--device", "cpu",
       "--max-steps", "1"], "key 'compile' is for ViT backbones"),
+    *[(["pretrain", "--engine-config", name, "-b", "16"], message) for name, (_, message) in DS_WRONG.items()],
+    (["plan", "--engine-config", "@enabled_string"], "key 'bf16.enabled' must be true, false or \"auto\""),
+    # files of the wrong encoding or kind
+    (["hostfile", UTF16], "is UTF-16 (as some Windows editors save it)"),
+    (["hostfile", BOM], "starts with a UTF-8 byte-order mark"),
+    (["hostfile", DATA], "Is a directory"),
+    (["report", RUN, "--out", JUNK], "is a file: name a folder"),
+    (["report", JUNK], "is a file: name a run's --output-dir"),
+    # fine-tuning
+    (["finetune"], "--pretrained CKPT is required"),
+    (["finetune", "--pretrained", JUNK], "is not a checkpoint: not a torch.save file"),
+    (["finetune", "--pretrained", CKPT, "--dataset", "cifar10"], "--dataset cifar10 needs DATA"),
+    (["finetune", "--pretrained", CKPT, "--num-heads", "2"], "--num-heads 2: "),
+    (["finetune", "--pretrained", CKPT, "--layer-decay", "1.5"], "--layer-decay 1.5 must be in (0, 1]"),
+    (["finetune", "--print-recipe", "--recipe", "imagenet"], "argument --recipe: invalid choice: 'imagenet'"),
     # data of the wrong shape
     (["probe", DATA, "--pretrained", CKPT], "has no val/ folder"),
     # convert never overwrites its input, nor a folder
@@ -77,6 +107,13 @@ def files(tmp_path: Path) -> dict[str, str]:
     (tmp_path / "compile.json").write_text(json.dumps({"engine": "ddp", "compile": True}))
     (tmp_path / "ds_compile.json").write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {"stage": 1},
                                                           "moco_scale": {"compile": True}}))
+    (tmp_path / "utf16.txt").write_bytes("worker-1 slots=8\n".encode("utf-16"))
+    (tmp_path / "bom.txt").write_bytes("worker-1 slots=8\n".encode("utf-8-sig"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    for name, (cfg, _) in DS_WRONG.items():
+        text = json.dumps({"train_batch_size": "auto", **cfg}).replace("@FILE", str(tmp_path / "junk.bin"))
+        (tmp_path / f"{name[1:]}.json").write_text(text)
     torch.manual_seed(0)
     model = build_moco(**TINY_VIT)
     kwargs = dict(TINY_VIT)
@@ -87,12 +124,14 @@ def files(tmp_path: Path) -> dict[str, str]:
     return {JUNK: str(tmp_path / "junk.bin"), JSON: str(tmp_path / "engine.json"), CKPT: str(tmp_path / "ckpt.pth.tar"),
             DATA: str(tmp_path / "data"), FAIRSCALE: str(tmp_path / "fairscale.json"),
             TYPO: str(tmp_path / "typo.json"), COMPILE: str(tmp_path / "compile.json"),
-            DS_COMPILE: str(tmp_path / "ds_compile.json")}
+            DS_COMPILE: str(tmp_path / "ds_compile.json"),
+            UTF16: str(tmp_path / "utf16.txt"), BOM: str(tmp_path / "bom.txt"), RUN: str(tmp_path / "run"),
+            **{name: str(tmp_path / f"{name[1:]}.json") for name in DS_WRONG}}
 
 
 def test_the_table_covers_every_command():
     print(f"{len(CASES)} bad-input cases")
-    assert {argv[0] for argv, _ in CASES} >= {"pretrain", "plan", "lincls", "probe", "convert"}
+    assert {argv[0] for argv, _ in CASES} >= {"pretrain", "plan", "lincls", "probe", "convert", "finetune"}
 
 
 @pytest.mark.parametrize("argv,message", CASES, ids=[" ".join(a) for a, _ in CASES])

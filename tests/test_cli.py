@@ -182,9 +182,26 @@ def test_corrupt_image_is_named(tmp_path):
             "--output-dir", str(tmp_path / "o")]
     res = run_cli(args)
     assert res.returncode == 2 and "cannot read image" in res.stderr and "broken.jpg" in res.stderr
-    res = run_cli([*args, "--skip-bad-data", "--overwrite"])
+    res = run_cli([*args, "--skip-bad-data", "--overwrite", "--max-steps", "1"])
     assert res.returncode == 0, res.stderr[-2000:]
-    assert json.loads((tmp_path / "o" / "summary.json").read_text())["skipped_images"] >= 1
+    # one step of the whole folder in one batch: the broken image is drawn once, replaced once, counted once
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["skipped_images"] == 1
+
+
+def test_skipped_images_are_counted_over_workers_and_ranks(tmp_path):
+    """Two ranks with two loader workers each, one step over the whole folder: the one skip is counted once,
+    whichever rank and worker drew it (each worker counts in its own slot; the ranks' counts are summed)."""
+    for c in ("a", "b"):
+        (tmp_path / "data" / "train" / c).mkdir(parents=True)
+        for i in range(5 if c == "a" else 4):
+            Image.new("RGB", (36, 36), (60 * i, 20, 90)).save(tmp_path / "data" / "train" / c / f"{i}.png")
+    (tmp_path / "data" / "train" / "b" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    args = [str(tmp_path / "data"), *TINY_VIT_FLAGS, *COMMON, "-b", "10", "--image-size", "32", "-j", "4",
+            "--max-steps", "1", "--skip-bad-data", "--output-dir", str(tmp_path / "o")]
+    res = run_cli(args, launcher=torchrun(2))
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["skipped_images"] == 1 and summary["steps"] == 1
 
 
 def test_corrupt_image_on_one_rank_ends_the_job_without_hanging(tmp_path):

@@ -137,5 +137,5 @@ def test_corrupt_image_error_names_the_file_or_is_skipped_and_counted(tmp_path):
     skipping = pretrain_dataset(str(root), 32, 0.2, 0, skip_bad=True)
     with pytest.warns(UserWarning, match="9_broken.png.*skipped"):
         x1, _ = skipping[(0, bad)]
-    assert x1.shape == (3, 32, 32) and int(skipping.skipped) == 1
+    assert x1.shape == (3, 32, 32) and skipping.skipped_count() == 1
     assert isinstance(skipping, KeyedTwoViews)

@@ -271,3 +271,32 @@ def test_convert_reads_every_engines_checkpoint_folder(runs, tmp_path):
             assert torch.equal(got[k], v.float() if v.is_floating_point() else v), (config, k)
         meta = json.loads((straight / "checkpoints" / "step_00000006" / "meta.json").read_text())
         assert meta["step"] == 6 and "iter" not in meta and "epoch" not in meta  # derived from the step
+
+
+def _agree(ctx, folders: list[str | None], out: str) -> None:
+    from pathlib import Path
+
+    from moco_scale.checkpoint.manager import verify
+    from moco_scale.checkpoint.resume import Resume, agree_on_resume
+
+    mine = folders[ctx.rank]
+    resume, changed = agree_on_resume(None if mine is None else Resume(Path(mine), meta=verify(Path(mine))), ctx)
+    Path(out, f"rank{ctx.rank}.txt").write_text(f"{resume and resume.path}|{changed}")
+
+
+def test_every_rank_resumes_the_folder_rank_0_chose(tmp_path):
+    """--resume auto is resolved by each rank before the group exists; a rank whose filesystem shows an older
+    newest folder (attribute caching) takes rank 0's choice, and a rank that saw one where rank 0 saw none starts
+    from scratch with it."""
+    from helpers import COMMON_TINY_RUN, run_cli, spawn
+
+    run = tmp_path / "run"
+    res = run_cli(["pretrain", *COMMON_TINY_RUN, "--max-steps", "2", "--save-every", "1", "--keep-last", "3",
+                   "--output-dir", str(run)])
+    assert res.returncode == 0, res.stderr[-2000:]
+    step1, step2 = (str(run / "checkpoints" / f"step_{s:08d}") for s in (1, 2))
+    spawn(_agree, 2, [step2, step1], str(tmp_path))
+    assert (tmp_path / "rank0.txt").read_text() == f"{step2}|False"
+    assert (tmp_path / "rank1.txt").read_text() == f"{step2}|True"
+    spawn(_agree, 2, [None, step1], str(tmp_path))
+    assert (tmp_path / "rank1.txt").read_text() == "None|True"

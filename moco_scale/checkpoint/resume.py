@@ -101,3 +101,32 @@ def run_folder(path: str) -> str:
     path = os.path.abspath(path)
     folder = path if os.path.isfile(os.path.join(path, "config.json")) else os.path.dirname(path)
     return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
+
+
+def agree_on_resume(resume: Resume | None, ctx: Any) -> tuple[Resume | None, bool]:
+    """Rank 0's choice of the folder to resume, for every rank (once the process group exists): each rank
+    picked `--resume auto`'s newest folder on its own, and on a shared filesystem with attribute caching they
+    can disagree. A rank that cannot read rank 0's folder says so. Returns the resume and whether it changed here."""
+    import torch.distributed as dist
+
+    if not (ctx.is_distributed and ctx.world_size > 1):
+        return resume, False
+    mine = None if resume is None else str(resume.path)
+    choice = [mine]
+    dist.broadcast_object_list(choice, src=0)
+    if choice[0] == mine:
+        return resume, False
+    if choice[0] is None:
+        print(f"moco-scale: rank {ctx.rank}: rank 0 found no checkpoint to resume, this rank found {mine}: starting "
+              "from scratch as rank 0 does", file=sys.stderr)
+        return None, True
+    path = Path(choice[0])
+    if resume is not None and resume.is_file:
+        return resume, False  # an explicit file: the same name on every rank
+    try:
+        meta = verify(path)
+    except Exception as e:  # noqa: BLE001 - any reason this rank cannot read it is the message
+        raise ConfigError(f"rank {ctx.rank} cannot read {path}, the checkpoint rank 0 resumes ({e}); the run folder "
+                          "must be on a filesystem every node shares") from None
+    print(f"moco-scale: rank {ctx.rank}: resuming {path} as rank 0 does (this rank saw {mine})", file=sys.stderr)
+    return Resume(path, meta=meta), True

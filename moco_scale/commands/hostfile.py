@@ -22,9 +22,20 @@ class HostfileError(ValueError):
 def parse_hostfile(path: str) -> list[tuple[str, int]]:
     """[(host, slots)] in file order; blank lines and # comments ignored; errors name file and line."""
     try:
-        lines = open(path).read().splitlines()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
         raise HostfileError(f"hostfile {path}: {e.strerror}") from e
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise HostfileError(f"hostfile {path} is UTF-16 (as some Windows editors save it); the deepspeed launcher "
+                            "reads plain text: save it as UTF-8 or ASCII")
+    if data.startswith(b"\xef\xbb\xbf"):
+        raise HostfileError(f"hostfile {path} starts with a UTF-8 byte-order mark, which the deepspeed launcher "
+                            "would read as part of the first host's name: save it without the BOM")
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise HostfileError(f"hostfile {path} is not text (byte {e.start} is not UTF-8)") from None
     hosts: list[tuple[str, int]] = []
     for number, raw in enumerate(lines, 1):
         line = raw.split("#", 1)[0].strip()

@@ -131,6 +131,10 @@ def summary_markdown(run_dir: Path, rows: list[dict[str, Any]], pngs: list[str])
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir else run_dir / "report"
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir} is {'a file' if run_dir.exists() else 'missing'}: name a run's --output-dir")
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {out} is a file: name a folder for the plots and report.md")
     rows = read_metrics(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     pngs = plot(rows, out)

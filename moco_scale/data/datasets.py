@@ -88,6 +88,10 @@ def load_digits_split(split: str, image_size: int = BUILTIN_IMAGE_SIZE) -> list[
     return out
 
 
+#: loader worker slots of the skip counter (workers per rank beyond it share slots)
+MAX_WORKERS = 256
+
+
 class KeyedTwoViews(Dataset):
     """The loader's part of two augmented views of sample `index`, drawn from a generator keyed to
     (seed, epoch, index); `on_device` is the part the training device does (data/feed.py runs it).
@@ -101,7 +105,9 @@ class KeyedTwoViews(Dataset):
                  on_device: Callable[[Any], tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
         self.base, self.views, self.seed, self.skip_bad = base, views, seed, skip_bad
         self.collate, self.on_device = collate, on_device
-        self.skipped = torch.zeros(1, dtype=torch.int64).share_memory_()
+        #: skips counted per loader process (slot 0: the main process, 1 + i: worker i), each slot written by one
+        #: process only, so no increment is lost; `skipped_count()` sums them
+        self.skipped = torch.zeros(1 + MAX_WORKERS, dtype=torch.int64).share_memory_()
 
     def __len__(self) -> int:
         return len(self.base)
@@ -119,6 +125,11 @@ class KeyedTwoViews(Dataset):
             except DataError as e:
                 if not self.skip_bad:
                     raise
-                self.skipped += 1
+                worker = torch.utils.data.get_worker_info()
+                self.skipped[0 if worker is None else 1 + worker.id % MAX_WORKERS] += 1
                 warnings.warn(f"{e}; skipped (--skip-bad-data)", stacklevel=2)
         raise DataError("no readable image in the dataset")
+
+    def skipped_count(self) -> int:
+        """Images skipped by this rank's loader processes so far."""
+        return int(self.skipped.sum())

@@ -5,6 +5,8 @@ bf16/fp16 sections resolved by the engines' one precision rule."""
 from __future__ import annotations
 
 import copy
+import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +45,7 @@ def resolve_deepspeed_config(raw: dict[str, Any], source: str, global_batch: int
         if key in cfg:
             raise ConfigError(f"engine config {source}: remove the '{key}' section: the optimizer and its schedule "
                               "come from --optimizer, --lr, --wd, --epochs and --warmup-epochs, as in the reference")
+    check_types(cfg, source)
     zero = cfg.get("zero_optimization", {})
     stage = zero.get("stage", 0) if isinstance(zero, dict) else None
     if stage not in (0, 1, 2, 3):
@@ -82,6 +85,61 @@ def resolve_deepspeed_config(raw: dict[str, Any], source: str, global_batch: int
                           "ignores keys it does not know, so a misspelled section would silently do nothing")
     return DeepSpeedConfig(zero_stage=stage, activation_checkpointing=ours.activation_checkpointing,
                            backbone_chunk=ours.backbone_chunk, deepspeed=cfg)
+
+
+#: top-level sections that DeepSpeed reads as objects
+_SECTIONS = ("bf16", "fp16", "zero_optimization", "timers", "activation_checkpointing", "flops_profiler",
+             "comms_logger", "tensorboard", "wandb", "csv_monitor", "aio")
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value)
+
+
+def check_types(cfg: dict[str, Any], source: str) -> None:
+    """Types, not only keys: DeepSpeed tracebacks on a boolean where a section belongs and reads a string
+    "true" as off; offload needs moco-scale's optimizer allowed (`zero_force_ds_cpu_optimizer: false`) and
+    nvme offload a folder."""
+    where = f"engine config {source}"
+    for key in _SECTIONS:
+        if key in cfg and not isinstance(cfg[key], dict):
+            example = ' {"enabled": true}' if key in ("bf16", "fp16") else ""
+            raise ConfigError(f"{where}: key '{key}' must be an object{example}, not {_shown(cfg[key])}")
+    for key in ("bf16", "fp16"):
+        enabled = cfg.get(key, {}).get("enabled", False)
+        if enabled not in (True, False, "auto"):
+            raise ConfigError(f"{where}: key '{key}.enabled' must be true, false or \"auto\", not {_shown(enabled)}"
+                              f"{' (a string: DeepSpeed would train in fp32)' if isinstance(enabled, str) else ''}")
+    zero = cfg.get("zero_optimization", {})
+    for part in ("offload_optimizer", "offload_param"):
+        offload = zero.get(part)
+        if offload is None:
+            continue
+        if not isinstance(offload, dict):
+            raise ConfigError(f"{where}: key 'zero_optimization.{part}' must be an object "
+                              f'{{"device": "cpu"}}, not {_shown(offload)}')
+        device = offload.get("device", "none")
+        if device not in ("none", "cpu", "nvme"):
+            raise ConfigError(f"{where}: key 'zero_optimization.{part}.device' must be \"cpu\", \"nvme\" or "
+                              f"\"none\", not {_shown(device)}")
+        if device == "none":
+            continue
+        if part == "offload_param" and zero.get("stage", 0) != 3:
+            raise ConfigError(f"{where}: key 'zero_optimization.offload_param' needs stage 3 (parameters are "
+                              f"partitioned only there), not stage {zero.get('stage', 0)}")
+        if device == "nvme":
+            path = offload.get("nvme_path")
+            if not isinstance(path, str) or not path:
+                raise ConfigError(f"{where}: key 'zero_optimization.{part}.nvme_path' must name the folder on "
+                                  "the NVMe drive to offload to")
+            if not os.path.isdir(path):
+                what = "a file, not a folder" if os.path.exists(path) else "missing"
+                raise ConfigError(f"{where}: key 'zero_optimization.{part}.nvme_path' {path} is {what}")
+        if cfg.get("zero_force_ds_cpu_optimizer", True) is not False:
+            raise ConfigError(f"{where}: key 'zero_optimization.{part}' offloads to {device}: add "
+                              "\"zero_force_ds_cpu_optimizer\": false at the top level; moco-scale brings its own "
+                              "optimizer, and without the key DeepSpeed refuses it under offload and asks for an "
+                              "'optimizer' section, which moco-scale does not take (see ds_configs/zero3_offload.json)")
 
 
 class _ReadKeys(dict):

@@ -26,7 +26,7 @@ from moco_scale.checkpoint.reference import (
     describe_mismatch,
     pretrained_backbone,
 )
-from moco_scale.checkpoint.resume import Resume, check_resumable, find_resume
+from moco_scale.checkpoint.resume import Resume, agree_on_resume, check_resumable, find_resume
 from moco_scale.config import ConfigError
 from moco_scale.data import GlobalBatchSampler
 from moco_scale.data.finetune import MixedFeed, finetune_splits, finetune_transforms, mixup_of
@@ -101,9 +101,12 @@ def _config(args: argparse.Namespace) -> tuple[FinetuneConfig, dict[str, torch.T
     return cfg, state
 
 
-def _resume(cfg: FinetuneConfig, identity: dict[str, Any], classes: int) -> tuple[FinetuneConfig, Resume | None]:
-    """--resume names a fine-tuning checkpoint folder of the same pretrained checkpoint, model, batch and data."""
-    resume = find_resume(cfg.run.resume, cfg.run.output_dir, int(os.environ.get("RANK", "0")) == 0)
+def _resume(cfg: FinetuneConfig, identity: dict[str, Any], classes: int,
+            agreed: tuple[Resume | None] | None = None) -> tuple[FinetuneConfig, Resume | None]:
+    """--resume names (or `agreed`: rank 0's choice) a fine-tuning checkpoint folder of the same pretrained
+    checkpoint, model, batch and data."""
+    resume = find_resume(cfg.run.resume, cfg.run.output_dir, int(os.environ.get("RANK", "0")) == 0) \
+        if agreed is None else agreed[0]
     if resume is None:
         return cfg, None
     if resume.is_file:
@@ -158,6 +161,9 @@ def build_finetune(args: argparse.Namespace) -> tuple[Trainer, FinetuneConfig, S
     classes = len(splits.classes)
     cfg, resume = _resume(cfg, identity, classes)
     ctx = init_distributed(cfg.device, cfg.dist_timeout, require_group=cfg.engine.needs_process_group)
+    resume, changed = agree_on_resume(resume, ctx)
+    if changed:
+        cfg, resume = _resume(cfg, identity, classes, agreed=(resume,))
     torch.manual_seed(cfg.run.seed)
     model = build_classifier(cfg.settings, classes, cfg.recipe.drop_path, loss_of(cfg.recipe), draw_seed())
     initial = strict_initial_state(model, backbone, cfg.pretrained, cfg.from_scratch)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from moco_scale.checkpoint.io import atomic_save
 from moco_scale.checkpoint.manager import CheckpointManager
 from moco_scale.checkpoint.reference import checkpoint_identity, pretrained_encoder
-from moco_scale.checkpoint.resume import Resume, find_resume
+from moco_scale.checkpoint.resume import Resume, agree_on_resume, find_resume
 from moco_scale.config import ConfigError
 from moco_scale.data import GlobalBatchSampler
 from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD
@@ -81,10 +81,13 @@ def _loaders(cfg: LinclsConfig, splits: Splits, size: int, ctx: DistContext) -> 
     return train, val
 
 
-def _resume(cfg: LinclsConfig, identity: dict[str, Any]) -> Resume | None:
-    """--resume names one of this folder's checkpoints (or another's): it must have evaluated the same
-    pretrained checkpoint (path and content), or what it holds would be reported for the wrong model."""
-    resume = find_resume(cfg.run.resume, cfg.run.output_dir, int(os.environ.get("RANK", "0")) == 0)
+def _resume(cfg: LinclsConfig, identity: dict[str, Any], agreed: tuple[Resume | None] | None = None
+            ) -> Resume | None:
+    """--resume names (or `agreed`: rank 0's choice) one of this folder's checkpoints (or another's): it must have
+    evaluated the same pretrained checkpoint (path and content), or what it holds would be reported for the
+    wrong model."""
+    resume = find_resume(cfg.run.resume, cfg.run.output_dir, int(os.environ.get("RANK", "0")) == 0) \
+        if agreed is None else agreed[0]
     if resume is None:
         return None
     if resume.is_file:
@@ -107,6 +110,9 @@ def build_lincls(args: argparse.Namespace) -> tuple[Trainer, LinclsConfig, Split
     identity = checkpoint_identity(cfg.pretrained)
     resume = _resume(cfg, identity)
     ctx = init_distributed(cfg.device, require_group=False)
+    resume, changed = agree_on_resume(resume, ctx)
+    if changed:
+        resume = _resume(cfg, identity, agreed=(resume,))
     torch.manual_seed(cfg.run.seed)
     model = LinearClassifier(encoder, dim, len(splits.classes), cfg.bn)
     model.init_seed = draw_seed()

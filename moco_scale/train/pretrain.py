@@ -17,11 +17,11 @@ import torch
 from moco_scale import schedules
 from moco_scale.checkpoint.manager import CheckpointManager
 from moco_scale.checkpoint.reference import reference_start, write_reference_file
-from moco_scale.checkpoint.resume import Resume, check_resumable, find_resume, reference_weights
+from moco_scale.checkpoint.resume import Resume, agree_on_resume, check_resumable, find_resume, reference_weights
 from moco_scale.config import ConfigError
 from moco_scale.data import BUILTIN_IMAGE_SIZE, DeviceFeed, KeyedTwoViews, pretrain_dataset, pretrain_loader
 from moco_scale.data.labelled import Splits, knn_splits, shard_loader, split_transform
-from moco_scale.dist import DistContext, init_distributed, loader_workers, world_size_from_env
+from moco_scale.dist import DistContext, init_distributed, loader_workers, mean_across_ranks, world_size_from_env
 from moco_scale.engines import EngineConfig, load_engine_config
 from moco_scale.engines.base import Engine
 from moco_scale.eval.knn import evaluate_knn
@@ -100,10 +100,12 @@ class PretrainConfig:
                 "precision": precision, "dataset": self.data or "builtin:digits"}
 
 
-def _resume(cfg: PretrainConfig, dataset_size: int) -> tuple[PretrainConfig, Resume | None]:
-    """What --resume names, checked against this run before any rank talks to another; the engine config
-    that reads it."""
-    resume = find_resume(cfg.run.resume, cfg.run.output_dir, int(os.environ.get("RANK", "0")) == 0)
+def _resume(cfg: PretrainConfig, dataset_size: int, agreed: tuple[Resume | None] | None = None
+            ) -> tuple[PretrainConfig, Resume | None]:
+    """What --resume names (or `agreed`: rank 0's choice), checked against this run before any rank talks to
+    another; the engine config that reads it."""
+    resume = find_resume(cfg.run.resume, cfg.run.output_dir, int(os.environ.get("RANK", "0")) == 0) \
+        if agreed is None else agreed[0]
     if resume is not None and not resume.is_file:
         cfg = replace(cfg, engine=check_resumable(resume, cfg.model.to_dict(), cfg.run.global_batch, dataset_size,
                                                   cfg.engine))
@@ -150,6 +152,9 @@ def build_pretraining(args: argparse.Namespace) -> tuple[Trainer, PretrainConfig
     knn_data = knn_splits(cfg.knn_data, cfg.model.img_size, cfg.knn_train_size, cfg.run.world_size) \
         if cfg.knn_every else None  # checked before any process group exists
     ctx = init_distributed(cfg.device, cfg.dist_timeout, require_group=cfg.engine.needs_process_group)
+    resume, changed = agree_on_resume(resume, ctx)
+    if changed:
+        cfg, resume = _resume(cfg, len(dataset), agreed=(resume,))
     torch.manual_seed(cfg.run.seed)
     model = cfg.model.build(device="meta")
     initial = None
@@ -211,12 +216,17 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     trainer.notes.append(f"moco-scale: {cfg.model.arch}, world {cfg.run.world_size} on {trainer.ctx.device}, global "
                          f"batch {cfg.run.global_batch}, {cfg.run.iters_per_epoch} steps/epoch, {cfg.run.total_steps} "
                          f"steps, engine {cfg.engine.label} ({trainer.engine.precision}), output {cfg.run.output_dir}")
+    classes = getattr(dataset.base, "classes", None)
+    trainer.notes.append(f"data: {len(dataset)} images" + (f" in {len(classes)} class folders" if classes else "")
+                         + f" from {cfg.data or 'the built-in digits'}")
     if resume is not None:
         epoch, batch = divmod(trainer.step, cfg.run.iters_per_epoch)
         trainer.notes.append(f"resumed from {resume.path} at step {trainer.step} (epoch {epoch}, batch {batch})")
     summary = trainer.train()
     path = reference_path(cfg)
-    summary.update(checkpoint=path if os.path.exists(path) else None, skipped_images=int(dataset.skipped.item()))
+    skipped = round(mean_across_ranks(torch.tensor(float(dataset.skipped_count()), device=trainer.ctx.device)).item()
+                    * trainer.ctx.world_size)  # every rank's loader processes, summed
+    summary.update(checkpoint=path if os.path.exists(path) else None, skipped_images=skipped)
     if summary["skipped_images"]:
         trainer.logger.message(f"skipped {summary['skipped_images']} unreadable image(s) (--skip-bad-data)")
     return trainer.close(summary)

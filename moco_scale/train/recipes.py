@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moco_scale.config import ConfigError
+from moco_scale.models.resnet import RESNET_ARCHS
 
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
 
@@ -104,6 +105,8 @@ def resolve_recipe(name: str, arch: str, overrides: dict[str, Any]) -> Recipe:
             values["train_scale"] = (value, 1.0)
         elif value is not None:
             values["base_lr" if key == "lr" else key] = value
+    if arch in RESNET_ARCHS and overrides.get("drop_path") is None:
+        values["drop_path"] = 0.0  # stochastic depth is for ViT blocks; a ResNet fine-tunes without it
     if values["aa"] in ("", "none", "None"):
         values["aa"] = None
     if values["layer_decay"] is not None and not 0 < values["layer_decay"] <= 1:

@@ -13,6 +13,9 @@ import gc
 import math
 import os
 import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -148,7 +151,51 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0, require_gr
     elif require_group and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", store=dist.HashStore(),
                                 rank=0, world_size=1, timeout=timedelta(seconds=timeout_s))
+    watch_deepspeed_launcher()
     return DistContext(rank, world, local_rank, local_world, dev)
+
+
+_WATCHING = False
+
+
+def watch_deepspeed_launcher(interval_s: float = 2.0) -> bool:
+    """Under the deepspeed launcher, a SIGTERM to `deepspeed` on one node ends only that runner (it forwards
+    signals only to pdsh jobs): its `deepspeed.launcher.launch` child and the ranks under it would train on,
+    orphaned, to the end. Each rank watches the runner and, once it is gone, sends itself SIGTERM: the run saves
+    at the next agreed step and exits, as for a SIGTERM to the job. Returns whether it watches."""
+    global _WATCHING
+    if _WATCHING:
+        return True
+    try:
+        import psutil  # deepspeed's dependency
+    except ImportError:
+        return False
+    try:
+        parent = psutil.Process(os.getppid())
+        if "deepspeed.launcher.launch" not in " ".join(parent.cmdline()):
+            return False
+        runner = parent.parent()
+    except (OSError, psutil.Error):  # nothing there to watch
+        return False
+    if runner is None:
+        return False
+
+    def alive() -> bool:
+        try:
+            return runner.is_running() and runner.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def watch() -> None:
+        while alive():
+            time.sleep(interval_s)
+        print(f"moco-scale: rank {os.environ.get('RANK', '0')}: the deepspeed launcher (pid {runner.pid}) is gone: "
+              "stopping as for SIGTERM", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="moco-scale-launcher-watch", daemon=True).start()
+    _WATCHING = True
+    return True
 
 
 def shutdown() -> None:
@@ -183,11 +230,14 @@ class StopRequest:
 
     The handler only records the signal; `agreed()` at a step boundary makes every rank decide the same,
     since the signal reaches ranks at different moments. That takes a tiny all-reduce whose answer the host
-    must read (a sync with the device), so ranks agree on logging steps only: the save follows within
-    --print-freq steps of the signal. One process answers at every step, at no cost."""
+    must read (a sync with the device), so ranks agree on logging steps, and also every `every` steps,
+    a count all ranks share that the agreement itself sets to about `interval_s` of the slowest rank's steps
+    (it starts at 50): a run whose -p is longer than the steps it has left still stops within about
+    `interval_s`. One process answers at every step, at no cost."""
 
-    def __init__(self, ctx: DistContext) -> None:
-        self.ctx, self.signal_name = ctx, None
+    def __init__(self, ctx: DistContext, interval_s: float = 30.0) -> None:
+        self.ctx, self.signal_name, self.interval_s = ctx, None, interval_s
+        self.every, self._since = 50, None  # (time, step) of the last agreement that had a step
         self._previous = {sig: signal.signal(sig, self._handle)
                           for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
 
@@ -200,15 +250,26 @@ class StopRequest:
         if signum == signal.SIGINT:  # the next Ctrl-C is the default one: abort
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    def agreed(self, may_sync: bool) -> bool:
-        """Whether every rank stops now; `may_sync`: this step may wait for the device (a logging step)."""
+    def agreed(self, may_sync: bool, step: int | None = None) -> bool:
+        """Whether every rank stops now, after `step` steps; `may_sync`: this step may wait for the device (a
+        logging step). Given `step`, the ranks also agree every `self.every` steps."""
         if not self.ctx.is_distributed or self.ctx.world_size == 1:
             return self.requested
-        if not may_sync:
+        if not (may_sync or (step is not None and step % self.every == 0)):
             return False
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=self.ctx.device)
+        now = time.monotonic()
+        per_step = None
+        if step is not None and self._since is not None and step > self._since[1]:
+            per_step = (now - self._since[0]) / (step - self._since[1])
+        flag = torch.tensor([1.0 if self.requested else 0.0, per_step or 0.0], dtype=torch.float64,
+                            device=self.ctx.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        requested = flag[0].item()
+        if per_step is not None:  # the same on every rank: they take the same steps (read after the first: no wait)
+            self.every = max(1, min(10_000, int(self.interval_s / max(flag[1].item(), 1e-6))))
+        if step is not None:
+            self._since = (now, step)
+        return bool(requested)
 
     def close(self) -> None:
         for sig, handler in self._previous.items():

@@ -170,3 +170,47 @@ def test_sighup_saves_like_sigterm(tmp_path):
     """A closed terminal or ssh session (SIGHUP) saves and exits 0, as SIGTERM does."""
     run, _, summary = signal_a_running_run(tmp_path, signal.SIGHUP)
     assert summary["interrupted"] and (run / "checkpoints" / f"step_{summary['steps']:08d}" / "meta.json").is_file()
+
+
+def test_sigterm_to_the_deepspeed_launcher_alone_stops_its_ranks(tmp_path):
+    """On one node the deepspeed runner forwards no signal: killed alone, it left its launch process and the ranks
+    training, orphaned, to the end. The ranks watch it: they save, exit 0, and no process of the job is left."""
+    import psutil
+
+    run = tmp_path / "run"
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "moco_scale",
+           "pretrain", *COMMON, "--output-dir", str(run), "--epochs", "100", "--max-steps", "100000"]
+    proc = start(cmd, tmp_path / "log")
+    deadline = time.time() + 180
+    while not ((run / "metrics.jsonl").exists() and len(losses(run)) >= 2):
+        assert time.time() < deadline and proc.poll() is None, (tmp_path / "log").read_text()[-3000:]
+        time.sleep(0.2)
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    assert len(tree) >= 3  # the launch process and two ranks
+    proc.send_signal(signal.SIGTERM)  # the runner alone, not its process group
+    proc.wait(timeout=30)
+    _, alive = psutil.wait_procs(tree, timeout=120)
+    log = (tmp_path / "log").read_text()
+    assert not alive, log[-3000:]
+    assert "the deepspeed launcher" in log and "SIGTERM: saved" in log, log[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["interrupted"] and (run / "checkpoints" / f"step_{summary['steps']:08d}" / "meta.json").is_file()
+
+
+def test_sigterm_is_acted_on_when_no_step_logs(tmp_path):
+    """-p longer than the run: the ranks used to agree on logging steps only, so a SIGTERM was never acted on. They
+    also agree every ~30 s of steps (every 50 steps until the first agreement measures them)."""
+    run = tmp_path / "run"
+    args = ["--output-dir", str(run), "--epochs", "1000", "--max-steps", "100000", "-p", "100000",
+            "--save-every", "5", "--dist-timeout", "60"]
+    procs = srun(2, str(free_port()), args, tmp_path, MASTER_ADDR="127.0.0.1")
+    deadline = time.time() + 180
+    while not (run / "checkpoints" / f"step_{10:08d}" / "meta.json").exists():
+        assert time.time() < deadline and all(p.poll() is None for p in procs), (tmp_path / "task0.log").read_text()
+        time.sleep(0.5)
+    for p in procs:
+        os.killpg(p.pid, signal.SIGTERM)
+    assert finish(procs, timeout=150) == [0, 0], (tmp_path / "task0.log").read_text()[-3000:]
+    assert "SIGTERM: saved" in (tmp_path / "task0.log").read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["interrupted"] and summary["steps"] == 50  # the first agreement without a logging step

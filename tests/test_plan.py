@@ -130,3 +130,15 @@ def test_plan_finetune_counts_one_view_and_the_classifier():
     res = run_cli(["plan", "--finetune", "-a", "vit_small", "-b", "64", "--nodes", "1", "--gpus-per-node", "2",
                    "--engine-config", engine_config("fsdp"), "--image-size", "64"])
     assert res.returncode == 0 and "plan --finetune" in res.stdout and "backbone chunk" in res.stdout, res.stderr
+
+
+def test_plan_recommends_only_setups_pretrain_accepts():
+    """plan runs pretrain's own setup check: no chunked ResNet, no LARS on a ZeRO partition, said as pretrain says
+    (test_engines.py: pretrain's side)."""
+    res = run_cli(["plan", "-a", "resnet50", "-b", "4096", "--engine-config", engine_config("ddp"), "--image-size",
+                   "96", "--gpu-memory", "12"])
+    assert res.returncode == 0, res.stderr
+    fit = [line for line in res.stdout.splitlines() if line.startswith(("smallest setup", "nothing fits"))]
+    assert fit and ("backbone chunk off" in fit[0] or fit[0].startswith("nothing fits")), res.stdout
+    res = run_cli(["plan", "-a", "resnet50", "-b", "4096", "--engine-config", engine_config("zero2")])
+    assert res.returncode == 2 and "would not launch: LARS needs the norm of whole parameters" in res.stderr

@@ -25,6 +25,7 @@ from moco_scale.engines import gpu_precision, load_engine_config
 from moco_scale.engines.memory import Shapes, model_shapes, ring
 from moco_scale.flags import fraction, nonnegative_int, positive_float, positive_int
 from moco_scale.models import ARCHS, backbone_blocks, backbone_features, build_moco, projector
+from moco_scale.models.vit import VIT_ARCHS
 
 GIB = 2**30
 REPO = Path(__file__).resolve().parents[2]
@@ -195,16 +196,35 @@ def main(argv: list[str] | None = None) -> int:
     profile = activation_profile(kwargs)
     ac = cfg.activation_checkpointing if args.activation_checkpointing is None else args.activation_checkpointing
     chunk = cfg.backbone_chunk if args.backbone_chunk is None else args.backbone_chunk
-    if args.finetune and chunk:
-        print("moco-scale plan: error: --backbone-chunk is for pretraining (a loss over the whole per-rank batch); "
-              "fine-tuning runs without it", file=sys.stderr)
-        return 2
     given = Setup(args.engine_config, world, ac, chunk)
+    try:
+        setup_check(args, given, optimizer)
+    except ConfigError as err:
+        print(f"moco-scale plan: error: this setup would not launch: {err}", file=sys.stderr)
+        return 2
     e = estimate(kwargs, shapes, profile, given, args.batch_size, args.precision, optimizer, args.finetune)
     budget = (1 - args.headroom) * args.gpu_memory * GIB
     print_estimate(args, e, world, optimizer, ac, chunk, budget)
     smallest_fit(args, kwargs, shapes, profile, world, optimizer, ac, chunk, budget)
     return 0
+
+
+def setup_check(args: argparse.Namespace, setup: Setup, optimizer: str) -> None:
+    """pretrain's own check of a setup (EngineConfig.check), on a bf16 GPU unless --precision says otherwise;
+    fine-tuning runs without chunking."""
+    if args.finetune and setup.chunk:
+        raise ConfigError("--backbone-chunk is for pretraining (a loss over the whole per-rank batch)")
+    cfg = load_engine_config(setup.engine_config, args.batch_size, setup.world).replace(backbone_chunk=setup.chunk)
+    plain_vit = args.arch in VIT_ARCHS and not VIT_ARCHS[args.arch].conv_stem
+    cfg.check(plain_vit, optimizer, gpu_precision(cfg, args.precision))
+
+
+def launches(args: argparse.Namespace, setup: Setup, optimizer: str) -> bool:
+    try:
+        setup_check(args, setup, optimizer)
+    except ConfigError:
+        return False
+    return True
 
 
 def _classifier(kwargs: dict[str, Any], classes: int) -> torch.nn.Module:
@@ -246,7 +266,7 @@ def smallest_fit(args: argparse.Namespace, kwargs: dict[str, Any], shapes: Shape
         fits = [x for x in (estimate(kwargs, shapes, profile, s, args.batch_size, args.precision, optimizer,
                                      args.finetune)
                             for s in candidate_setups(w, Setup(args.engine_config, w, ac, chunk))
-                            if not (args.finetune and s.chunk))  # chunking is pretraining's
+                            if launches(args, s, optimizer))
                 if x["total"] <= budget]
         if fits:
             s = fits[0]["setup"]

@@ -78,6 +78,13 @@ class EngineConfig:
                               "--engine-config")
         return self
 
+    def check(self, plain_vit: bool, optimizer: str, precision: str) -> None:
+        """The one check of a setup, shared by `pretrain` and `plan` (so that a plan's answer launches):
+        chunking needs a ViT without BatchNorm in its backbone; an engine may refuse the optimizer."""
+        if self.backbone_chunk and not plain_vit:
+            raise ConfigError("--backbone-chunk needs a ViT: this backbone has BatchNorm, whose statistics would "
+                              "be computed per chunk and change the result")
+
     @property
     def engine_class(self) -> type[Engine]:
         raise NotImplementedError
@@ -167,6 +174,13 @@ class DeepSpeedConfig(EngineConfig):
         ds = copy.deepcopy(self.deepspeed)
         ds.setdefault("checkpoint", {})["load_universal"] = True
         return self.replace(deepspeed=ds)
+
+    def check(self, plain_vit: bool, optimizer: str, precision: str) -> None:
+        super().check(plain_vit, optimizer, precision)
+        if optimizer == "lars" and (self.zero_stage > 0 or precision != "fp32"):
+            raise ConfigError(f"LARS needs the norm of whole parameters, but ZeRO stage {self.zero_stage} "
+                              f"({precision}) hands the optimizer flat partitions; use ZeRO stage 0 in fp32, "
+                              "an FSDP config (ds_configs/fsdp.json), or --optimizer adamw")
 
     @property
     def engine_class(self) -> type[Engine]:

@@ -89,10 +89,7 @@ class DeepSpeedEngine(Engine):
             raise ConfigError("engine config: batch fields are still \"auto\"; load it with the global batch")
         self.precision = resolve_config_precision(ds_cfg, ctx.device)
         self.stage = config.zero_stage
-        if optimizer.name == "lars" and (self.stage > 0 or self.precision != "fp32"):
-            raise ConfigError(f"LARS needs the norm of whole parameters, but ZeRO stage {self.stage} "
-                              f"({self.precision}) hands the optimizer flat partitions; use ZeRO stage 0 in fp32, "
-                              "an FSDP config (ds_configs/fsdp.json), or --optimizer adamw")
+        config.check(True, optimizer.name, self.precision)  # the optimizer against the layout (pretrain's check)
         self._dtype = self.input_dtype = DTYPES[self.precision] if self.precision != "fp32" else None
         # a plain process (no launcher) has a group of one but none of the variables DeepSpeed checks for
         for key, value in (("LOCAL_RANK", ctx.local_rank), ("RANK", ctx.rank), ("WORLD_SIZE", ctx.world_size)):

@@ -23,7 +23,7 @@ from moco_scale.data import BUILTIN_IMAGE_SIZE, DeviceFeed, KeyedTwoViews, pretr
 from moco_scale.data.labelled import Splits, knn_splits, shard_loader, split_transform
 from moco_scale.dist import DistContext, init_distributed, loader_workers, mean_across_ranks, world_size_from_env
 from moco_scale.engines import EngineConfig, load_engine_config
-from moco_scale.engines.base import Engine
+from moco_scale.engines.base import Engine, resolve_precision
 from moco_scale.eval.knn import evaluate_knn
 from moco_scale.flops import peak_tflops, step_flops_per_image
 from moco_scale.models.init import InitialState
@@ -69,12 +69,15 @@ class PretrainConfig:
                             moco_dim=args.moco_dim, moco_mlp_dim=args.moco_mlp_dim, moco_t=args.moco_t)
         run = RunConfig.from_args(args, world)
         warmup_fits(args.warmup_epochs, args.epochs)
-        if args.backbone_chunk and not model.is_plain_vit:
-            raise ConfigError(f"--backbone-chunk needs a ViT: {args.arch} has BatchNorm in its backbone, whose "
-                              "statistics would be computed per chunk and change the result")
         engine = load_engine_config(args.engine_config, args.batch_size, world)
         if args.backbone_chunk is not None:
             engine = engine.replace(backbone_chunk=args.backbone_chunk)
+        device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+        try:
+            precision = resolve_precision(engine.requested_precision, device)
+        except ValueError as e:
+            raise ConfigError(f"engine config: {e}") from None
+        engine.check(model.is_plain_vit, args.optimizer, precision)  # plan runs the same check
         if args.knn_data is not None and not args.knn_every:
             raise ConfigError("--knn-data names the data of the kNN curve: add --knn-every N (epochs)")
         return PretrainConfig(run=run, model=model, engine=engine, optimizer=args.optimizer, lr=args.lr,

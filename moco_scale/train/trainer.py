@@ -81,7 +81,7 @@ class Trainer:
                     self.train_step(batch, data_wait)
                     if self.step == total:
                         break
-                    if stop.agreed(may_sync=self._logging):
+                    if stop.agreed(may_sync=self._logging, step=self.step):
                         saved = self.manager.save()
                         self.logger.message(f"{stop.signal_name or 'a signal on another rank'}: saved {saved} at "
                                             f"step {self.step}; exiting (continue with --resume auto)")

@@ -300,3 +300,19 @@ def test_every_rank_resumes_the_folder_rank_0_chose(tmp_path):
     assert (tmp_path / "rank1.txt").read_text() == f"{step2}|True"
     spawn(_agree, 2, [None, step1], str(tmp_path))
     assert (tmp_path / "rank1.txt").read_text() == "None|True"
+
+
+def test_resume_names_what_changed(tmp_path):
+    """Another --optimizer is refused (its state cannot carry over); another --seed or --epochs continues with a
+    warning naming the old and new value and what follows from it."""
+    from helpers import COMMON_TINY_RUN, run_cli
+
+    run = ["pretrain", *COMMON_TINY_RUN, "--output-dir", str(tmp_path)]
+    res = run_cli(run)
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = run_cli([*run, "--resume", "auto", "--optimizer", "lars", "--max-steps", "2"])
+    assert res.returncode == 2 and "trained with --optimizer adamw, this run asks for lars" in res.stderr, res.stderr
+    res = run_cli([*run, "--resume", "auto", "--seed", "5", "--epochs", "30", "--max-steps", "2"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "--seed 0 there, 5 here: the data order and augmentation follow the new seed from step 1" in res.stderr
+    assert "--epochs" in res.stderr and "the lr and momentum schedules span the new length" in res.stderr

@@ -130,3 +130,15 @@ def agree_on_resume(resume: Resume | None, ctx: Any) -> tuple[Resume | None, boo
                           "must be on a filesystem every node shares") from None
     print(f"moco-scale: rank {ctx.rank}: resuming {path} as rank 0 does (this rank saw {mine})", file=sys.stderr)
     return Resume(path, meta=meta), True
+
+
+def changed_settings(meta: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What a resumed run changes that it may (the state carries over; the run continues differently): each a line
+    naming the old and new value and what follows from it. Keys a checkpoint does not record are not compared."""
+    step = meta.get("step")
+    what = {"precision": "the weights and optimizer state carry over in fp32; the arithmetic changes",
+            "seed": "the data order and augmentation follow the new seed",
+            "epochs": "the lr and momentum schedules span the new length, so the run leaves the saved schedule"}
+    flags = {"precision": "the engine config's precision", "seed": "--seed", "epochs": "--epochs"}
+    return [f"{flags[k]} {meta[k]} there, {now[k]} here: {text} from step {step}" for k, text in what.items()
+            if k in meta and k in now and meta[k] != now[k]]

@@ -17,7 +17,14 @@ import torch
 from moco_scale import schedules
 from moco_scale.checkpoint.manager import CheckpointManager
 from moco_scale.checkpoint.reference import reference_start, write_reference_file
-from moco_scale.checkpoint.resume import Resume, agree_on_resume, check_resumable, find_resume, reference_weights
+from moco_scale.checkpoint.resume import (
+    Resume,
+    agree_on_resume,
+    changed_settings,
+    check_resumable,
+    find_resume,
+    reference_weights,
+)
 from moco_scale.config import ConfigError
 from moco_scale.data import BUILTIN_IMAGE_SIZE, DeviceFeed, KeyedTwoViews, pretrain_dataset, pretrain_loader
 from moco_scale.data.labelled import Splits, knn_splits, shard_loader, split_transform
@@ -110,6 +117,11 @@ def _resume(cfg: PretrainConfig, dataset_size: int, agreed: tuple[Resume | None]
     resume = find_resume(cfg.run.resume, cfg.run.output_dir, int(os.environ.get("RANK", "0")) == 0) \
         if agreed is None else agreed[0]
     if resume is not None and not resume.is_file:
+        trained = resume.meta.get("optimizer")
+        if trained is not None and trained != cfg.optimizer:
+            raise ConfigError(f"--resume {resume.path} was trained with --optimizer {trained}, this run asks for "
+                              f"{cfg.optimizer}: its optimizer state cannot carry over; resume with --optimizer "
+                              f"{trained}")
         cfg = replace(cfg, engine=check_resumable(resume, cfg.model.to_dict(), cfg.run.global_batch, dataset_size,
                                                   cfg.engine))
     return cfg, resume
@@ -179,7 +191,7 @@ def build_pretraining(args: argparse.Namespace) -> tuple[Trainer, PretrainConfig
         say(f"moco-scale: --overwrite: moved the previous run to {aside}; it is deleted once this run has saved "
             "its first checkpoint")
     record = {"model": cfg.model.to_dict(), "engine": cfg.engine.layout, "precision": engine.precision,
-              "seed": cfg.run.seed}
+              "seed": cfg.run.seed, "optimizer": cfg.optimizer, "epochs": cfg.run.epochs}
     trainer = Trainer(cfg.run, ctx, engine, DeviceFeed(loader, ctx.device, dataset.on_device), loader.batch_sampler,
                       cfg.schedule, manager, record,
                       flops_per_image=step_flops_per_image(cfg.model.to_dict())["train"],
@@ -201,6 +213,8 @@ def _restore(trainer: Trainer, manager: CheckpointManager, resume: Resume | None
     if resume is None:
         return
     if not resume.is_file:
+        for line in changed_settings(resume.meta, trainer.record):
+            say(f"moco-scale: warning: --resume {resume.path}: {line}")
         manager.load(resume.path)
     else:
         trainer.step = reference_start(resume.ckpt, trainer.run.iters_per_epoch)

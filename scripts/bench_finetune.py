@@ -136,10 +136,10 @@ def main() -> int:
 
 
 def engine_precision(config: str, device: torch.device) -> str:
-    from moco_scale.engines.base import gpu_precision
+    from moco_scale.engines.base import gpu_precision, resolve_precision
 
     cfg = load_engine_config(f"ds_configs/{config}.json")
-    return gpu_precision(cfg) if device.type == "cuda" else "fp32"
+    return gpu_precision(cfg) if device.type == "cuda" else resolve_precision(cfg.requested_precision, device)
 
 
 if __name__ == "__main__":

@@ -69,8 +69,9 @@ def check_equal(runs: dict, rtol: float, atol: float) -> None:
             assert rel_err(got["grads"][name], g, atol=atol) <= rtol, (key, name, rel_err(got["grads"][name], g))
 
 
-# ZeRO-0 takes the same autograd-function form as DDP and ZeRO-2 (the module holds its parameters): -m slow
-@pytest.mark.parametrize("config", ["ddp", pytest.param("zero0", marks=pytest.mark.slow), "zero2", "fsdp", "zero3"])
+# ZeRO-0 and ZeRO-2 take the same autograd-function form as DDP (the module holds its parameters): -m slow
+@pytest.mark.parametrize("config", ["ddp", *(pytest.param(c, marks=pytest.mark.slow) for c in ("zero0", "zero2")),
+                                    "fsdp", "zero3"])
 def test_chunked_step_equals_the_unchunked_one(config, tmp_path):
     """fp32, world 2: loss to 1e-6, every gradient to 1e-5 relative (1e-7 per element absorbs gradients that are
     pure rounding noise, ~1e-8, exactly zero in exact arithmetic: the final LayerNorm bias feeds Linear -> BN)."""

@@ -145,7 +145,8 @@ def _losses_and_evals(run: Path) -> tuple[list[float], list[dict]]:
     return [r["loss"] for r in rows if "loss" in r], [r for r in rows if "knn_top1" in r]
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp", "zero3"])
+# DDP: -m slow (its call() is a plain forward in eval mode; the sharded engines are where a call can leave state)
+@pytest.mark.parametrize("engine", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp", "zero3"])
 def test_the_knn_curve_leaves_the_trajectory_unchanged(tmp_path, engine):
     """13 steps (11 per epoch) with --knn-every 1: evaluations at step 11 and 13, both encoders, evaluated in
     place (FSDP and ZeRO-3 at world 2: sharded); the losses of every step equal the run's without it, bit for

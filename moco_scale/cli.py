@@ -11,6 +11,8 @@ import importlib
 import importlib.util
 import sys
 
+from moco_scale.signals import Interrupted, interrupt_on_signals
+
 COMMANDS = {
     "pretrain": "MoCo v3 pretraining",
     "finetune": "end-to-end fine-tuning and transfer learning (DeiT, MAE and the seed's transfer recipes)",
@@ -36,7 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         lines = "\n".join(f"  {name:10s} {COMMANDS[name]}" for name in known)
         print(f"usage: moco-scale COMMAND [ARGS]\n\ncommands:\n{lines}", file=sys.stderr if argv else sys.stdout)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    return importlib.import_module(f"moco_scale.commands.{argv[0]}").main(argv[1:])
+    with interrupt_on_signals():
+        try:
+            return importlib.import_module(f"moco_scale.commands.{argv[0]}").main(argv[1:])
+        except Interrupted as e:
+            print(f"moco-scale {argv[0]}: {e.message()}", file=sys.stderr)
+            return e.exit_code
 
 
 if __name__ == "__main__":

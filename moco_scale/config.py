@@ -16,11 +16,15 @@ class ConfigError(ValueError):
 
 
 def load_json(path: str) -> dict[str, Any]:
+    from moco_scale.paths import file_problem
+
+    if why := file_problem(path):
+        raise ConfigError(f"engine config {path} {why} (the JSON files are in ds_configs/)")
     try:
         with open(path) as f:
             cfg = json.load(f)
-    except FileNotFoundError as e:
-        raise ConfigError(f"engine config {path} does not exist") from e
+    except OSError as e:
+        raise ConfigError(f"engine config {path} cannot be read: {e.strerror or e}") from e
     except json.JSONDecodeError as e:
         raise ConfigError(f"engine config {path} is not valid JSON: line {e.lineno} column {e.colno}: "
                           f"{e.msg}") from e

@@ -12,6 +12,7 @@ import ctypes
 import gc
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from moco_scale.config import ConfigError
+from moco_scale.signals import training_loop_started
 
 
 @dataclass(frozen=True)
@@ -139,20 +141,55 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0, require_gr
     if dev.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # The DeepSpeed launcher does not set it; share the cores between local ranks.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
-    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+    # WORLD_SIZE=1 without a master is one process (a DeepSpeed engine of an earlier run in this process sets it)
+    launched = "WORLD_SIZE" in os.environ and (world > 1 or "MASTER_ADDR" in os.environ)
+    if launched and not dist.is_initialized():
         missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
             raise ConfigError(f"WORLD_SIZE is set but {', '.join(missing)} is not: launch with torchrun "
                                "or deepspeed, or unset WORLD_SIZE to run as one process")
-        dist.init_process_group(
-            backend="nccl" if dev.type == "cuda" else "gloo",
-            rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
-        )
+        started = time.monotonic()
+        try:
+            dist.init_process_group(
+                backend="nccl" if dev.type == "cuda" else "gloo",
+                rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
+            )
+        except (RuntimeError, ValueError) as e:  # the store's errors: DistNetworkError, DistStoreError, ...
+            raise JoinError(join_failure(e, rank, world, time.monotonic() - started, timeout_s)) from e
     elif require_group and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", store=dist.HashStore(),
                                 rank=0, world_size=1, timeout=timedelta(seconds=timeout_s))
     watch_deepspeed_launcher()
     return DistContext(rank, world, local_rank, local_world, dev)
+
+
+class JoinError(ConfigError):
+    """The process group could not be formed: what failed (address, port, which ranks) and what to change."""
+
+
+def join_failure(e: BaseException, rank: int, world: int, seconds: float, timeout_s: float) -> str:
+    """One line for a failed start: the master port in use, a rank that never joined, rank 0 not reachable
+    (torch's store says which in its message), instead of "another rank died"."""
+    addr, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    where = f"rank {rank} of {world}, after {seconds:.0f} s"
+    if "EADDRINUSE" in text or "address already in use" in text:
+        return (f"could not start the process group ({where}): MASTER_PORT {port} on {addr} is in use (another job, "
+                "or a run still exiting); launch with another port (--master_port for torchrun and deepspeed, "
+                "MASTER_PORT otherwise)")
+    joined = re.search(r"(\d+)/(\d+) clients joined", text)
+    if joined:
+        missing = int(joined[2]) - int(joined[1])
+        return (f"could not start the process group ({where}): only {joined[1]} of {joined[2]} ranks joined "
+                f"{addr}:{port} within --dist-timeout {timeout_s:g} s; {missing} never started or cannot reach "
+                f"{addr}:{port}: check every node's launch line (the same MASTER_ADDR, MASTER_PORT and world size, "
+                "each node its own rank) and that the port is open between the nodes")
+    if rank != 0 and re.search(r"connect|timed out|refused|resolve|Ping failed|getaddrinfo", text):
+        return (f"could not start the process group ({where}): rank 0's store at {addr}:{port} could not be "
+                f"reached ({first}); check that MASTER_ADDR is rank 0's address as seen from this node, that "
+                "MASTER_PORT is open, and that rank 0 is running")
+    return f"could not start the process group at {addr}:{port} ({where}): {first}"
 
 
 _WATCHING = False
@@ -238,6 +275,7 @@ class StopRequest:
     def __init__(self, ctx: DistContext, interval_s: float = 30.0) -> None:
         self.ctx, self.signal_name, self.interval_s = ctx, None, interval_s
         self.every, self._since = 50, None  # (time, step) of the last agreement that had a step
+        training_loop_started()
         self._previous = {sig: signal.signal(sig, self._handle)
                           for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
 

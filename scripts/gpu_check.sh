@@ -28,7 +28,8 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 # the repository is importable without an install (a GPU node has none): scripts and tests/gpu_equivalence.py
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 \
-  PYTHONWARNINGS="ignore::FutureWarning,ignore::UserWarning"
+  PYTHONWARNINGS="ignore::FutureWarning,ignore::UserWarning" \
+  TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}  # DeepSpeed's ops, away from a stale lock in ~/.cache
 if [ $DRY = 1 ]; then
   PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
   DEVICE=cpu

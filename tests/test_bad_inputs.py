@@ -5,11 +5,12 @@ the flag, file or value at fault, before any process group exists, and nothing g
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_VIT
+from helpers import COMMON_TINY_RUN, TINY_VIT
 from PIL import Image
 
 from moco_scale import build_moco
@@ -18,6 +19,7 @@ from moco_scale.cli import main
 JUNK, JSON, CKPT, DATA, FAIRSCALE, TYPO = "@junk", "@json", "@ckpt", "@data", "@fairscale", "@typo"  # see `files`
 COMPILE, DS_COMPILE = "@compile", "@ds_compile"
 UTF16, BOM, RUN = "@utf16", "@bom", "@run"
+JUNK_SUB, SMALL, RO, RO_FILE = "@junk/x", "@small", "@ro", "@ro/out.pth"  # under a file; 3+3 train images; read-only
 #: DeepSpeed JSONs with a value of the wrong type or kind (files: the `files` fixture writes them)
 DS_WRONG = {
     "@bf16_bool": ({"bf16": True}, "key 'bf16' must be an object {\"enabled\": true}, not true"),
@@ -31,6 +33,8 @@ DS_WRONG = {
                     "zero_force_ds_cpu_optimizer": False}, "is a file, not a folder"),
     "@param_offload_stage2": ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}},
                                "zero_force_ds_cpu_optimizer": False}, "needs stage 3"),
+    "@tensorboard_file": ({"tensorboard": {"enabled": True, "output_path": "@FILE"}},
+                          "key 'tensorboard.output_path' "),
 }
 
 CASES: list[tuple[list[str], str]] = [
@@ -88,6 +92,32 @@ CASES: list[tuple[list[str], str]] = [
     (["finetune", "--print-recipe", "--recipe", "imagenet"], "argument --recipe: invalid choice: 'imagenet'"),
     # data of the wrong shape
     (["probe", DATA, "--pretrained", CKPT], "has no val/ folder"),
+    (["probe", SMALL, "--pretrained", CKPT], "6 training images, fewer than the k=20 neighbours the kNN votes with"),
+    (["knn", SMALL, "--pretrained", CKPT, "--output", "k.json"], "6 training images, fewer than the k=200"),
+    (["knn", "--pretrained", CKPT, "--train-size", "150", "--output", "k.json"], "150 training images (--train-size "
+     "150), fewer than the k=200"),
+    # paths of the wrong kind, for every path argument: a file where a folder belongs and the reverse
+    *[([cmd, JUNK, *extra], "is a file, not a folder") for cmd, extra in (
+        ("pretrain", ["-b", "16"]), ("lincls", ["--pretrained", CKPT]), ("knn", ["--pretrained", CKPT]),
+        ("probe", ["--pretrained", CKPT]), ("finetune", ["--pretrained", CKPT]),
+        ("finetune", ["--pretrained", CKPT, "--dataset", "cifar10"]))],
+    *[([cmd, *extra, "--output-dir", out], message) for cmd, extra in (
+        ("pretrain", ["-b", "16"]), ("lincls", ["--pretrained", CKPT]), ("finetune", ["--pretrained", CKPT]))
+      for out, message in ((JUNK, "is a file, not a folder"), (JUNK_SUB, "/junk.bin, which is a file, not a folder"),
+                           ("", "--output-dir '' is empty: name a folder"))],
+    (["pretrain", "-b", "16", "--knn-every", "1", "--knn-data", JUNK], "is a file, not a folder"),
+    (["pretrain", "-b", "16", "--engine-config", RUN], "/run is a folder, not a file"),
+    (["plan", "--engine-config", RUN], "/run is a folder, not a file"),
+    (["finetune", "--pretrained", CKPT, "--engine-config", RUN], "/run is a folder, not a file"),
+    (["knn", "--pretrained", CKPT, "--output", RUN], "/run is a folder; name the file to write"),
+    (["convert", "--to", "deit", CKPT, f"{JUNK_SUB}.pth"], "/junk.bin, which is a file, not a folder"),
+    (["convert", "--to", "universal", RUN, JUNK_SUB], "/junk.bin, which is a file, not a folder"),
+    (["report", JUNK_SUB], "is missing"),
+    # a folder this user cannot write (root: one under /sys, which refuses even root)
+    (["pretrain", *COMMON_TINY_RUN, "--output-dir", RO], RO),
+    (["finetune", "--pretrained", CKPT, "--output-dir", RO], RO),
+    (["convert", "--to", "deit", CKPT, RO_FILE], RO_FILE),
+    (["knn", "--pretrained", CKPT, "--output", RO_FILE, "-j", "0"], RO_FILE),
     # convert never overwrites its input, nor a folder
     (["convert", "--to", "deit", CKPT, CKPT], "is the input; write the deit checkpoint to another path"),
     (["convert", "--to", "timm", CKPT, "."], "is a folder; name the file to write"),
@@ -121,11 +151,22 @@ def files(tmp_path: Path) -> dict[str, str]:
                 "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "ckpt.pth.tar")
     (tmp_path / "data" / "train" / "a").mkdir(parents=True)  # train/ without val/
     Image.new("RGB", (36, 36), (30, 20, 90)).save(tmp_path / "data" / "train" / "a" / "0.png")
+    for split, c, i in ((s, c, i) for s in ("train", "val") for c in "ab" for i in range(3 if s == "train" else 1)):
+        (tmp_path / "small" / split / c).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (36, 36), (60 * i, 20, 90)).save(tmp_path / "small" / split / c / f"{i}.png")
+    if os.geteuid() == 0:  # permissions do not stop root; sysfs refuses a new entry to anyone
+        read_only = "/sys/moco-scale-test"
+    else:
+        (tmp_path / "ro").mkdir()
+        (tmp_path / "ro").chmod(0o555)
+        read_only = str(tmp_path / "ro")
     return {JUNK: str(tmp_path / "junk.bin"), JSON: str(tmp_path / "engine.json"), CKPT: str(tmp_path / "ckpt.pth.tar"),
             DATA: str(tmp_path / "data"), FAIRSCALE: str(tmp_path / "fairscale.json"),
             TYPO: str(tmp_path / "typo.json"), COMPILE: str(tmp_path / "compile.json"),
             DS_COMPILE: str(tmp_path / "ds_compile.json"),
             UTF16: str(tmp_path / "utf16.txt"), BOM: str(tmp_path / "bom.txt"), RUN: str(tmp_path / "run"),
+            JUNK_SUB: str(tmp_path / "junk.bin" / "x"), f"{JUNK_SUB}.pth": str(tmp_path / "junk.bin" / "x.pth"),
+            SMALL: str(tmp_path / "small"), RO: read_only, RO_FILE: f"{read_only}/out.pth",
             **{name: str(tmp_path / f"{name[1:]}.json") for name in DS_WRONG}}
 
 
@@ -137,7 +178,7 @@ def test_the_table_covers_every_command():
 @pytest.mark.parametrize("argv,message", CASES, ids=[" ".join(a) for a, _ in CASES])
 def test_bad_input_gets_one_line_and_exit_2(argv, message, files, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    argv = [files.get(a, a) for a in argv]
+    argv, message = [files.get(a, a) for a in argv], files.get(message, message)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     try:
         code = main(argv)

@@ -180,9 +180,15 @@ def test_corrupt_image_is_named(tmp_path):
     (tmp_path / "data" / "train" / "b" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     args = ["pretrain", str(tmp_path / "data"), *TINY_VIT_FLAGS, *COMMON, "-b", "9", "--image-size", "32",
             "--output-dir", str(tmp_path / "o")]
-    res = run_cli(args)
-    assert res.returncode == 2 and "cannot read image" in res.stderr and "broken.jpg" in res.stderr
-    res = run_cli([*args, "--skip-bad-data", "--overwrite", "--max-steps", "1"])
+    for _ in range(2):  # loader workers (-j 2): one line, not the worker's traceback; --resume auto says the same
+        res = run_cli([*args, "-j", "2"])
+        broken = tmp_path / "data" / "train" / "b" / "broken.jpg"
+        assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith(
+            f"moco-scale pretrain: error: cannot read image {broken} ("), res.stderr
+        assert res.stderr.strip().endswith("--skip-bad-data skips and counts such files"), res.stderr
+        assert "Traceback" not in res.stderr and "worker" not in res.stderr, res.stderr
+        args = [*args, "--resume", "auto"]
+    res = run_cli([*args[:-2], "--skip-bad-data", "--overwrite", "--max-steps", "1"])
     assert res.returncode == 0, res.stderr[-2000:]
     # one step of the whole folder in one batch: the broken image is drawn once, replaced once, counted once
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["skipped_images"] == 1

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import subprocess
 from pathlib import Path
 
+import pytest
 import torch
-from helpers import COMMON_TINY_RUN
+from helpers import BIN, COMMON_TINY_RUN, REPO, deepspeed_launcher, engine_config
 from PIL import Image
 
 from moco_scale.checkpoint import manager as checkpoint
@@ -115,31 +118,37 @@ def test_a_full_disk_names_the_intact_checkpoint_and_leaves_no_partial_folder(tm
     verify_ok(ckpts / "step_00000001")
 
 
-def test_a_re_save_of_an_existing_step_moves_the_complete_one_aside(tmp_path, capsys):
+@pytest.mark.parametrize("engine", ["ddp", "zero2"])
+def test_a_re_save_of_an_existing_step_moves_the_complete_one_aside(tmp_path, capsys, engine):
     """A run resumed from its own reference file into its folder saves the imported state as step_N at once;
-    the complete step_N already there (its optimizer state included) is moved aside, byte for byte, never
-    deleted or replaced."""
+    the complete step_N already there (its optimizer state included: under ZeRO-2 the re-save's is empty) is
+    moved aside, byte for byte, never deleted or replaced."""
     run, ckpts = tmp_path / "R", tmp_path / "R" / "checkpoints"
-    assert pretrain(run, "--max-steps", "2", "--save-every", "1", "--keep-last", "3") == 0
-    old = {f.name: f.read_bytes() for f in (ckpts / "step_00000002").iterdir()}
-    capsys.readouterr()
-    assert pretrain(run, "--max-steps", "3", "--resume", str(run / "checkpoint.pth.tar")) == 0
-    err = capsys.readouterr().err
+
+    def launch(*args: str) -> tuple[int, str]:  # ZeRO-2 as the case was found: two ranks, the deepspeed launcher
+        if engine == "ddp":
+            capsys.readouterr()
+            return pretrain(run, *args), capsys.readouterr().err
+        res = subprocess.run([*deepspeed_launcher(2), *RUN, "--engine-config", engine_config(engine), "--output-dir",
+                              str(run), *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+        return res.returncode, res.stdout + res.stderr
+
+    assert launch("--max-steps", "2", "--save-every", "1", "--keep-last", "3")[0] == 0
+    old = {f.name: f.read_bytes() for f in (ckpts / "step_00000002").rglob("*") if f.is_file()}
+    code, err = launch("--max-steps", "3", "--resume", str(run / "checkpoint.pth.tar"))
+    assert code == 0, err[-3000:]
     assert f"{ckpts / 'step_00000002'} already existed" in err
     kept = [folder for folder in every_complete(run)[2] if "superseded" in folder.parts]
-    assert len(kept) == 1 and {f.name: f.read_bytes() for f in kept[0].iterdir()} == old
+    assert len(kept) == 1 and {f.name: f.read_bytes() for f in kept[0].rglob("*") if f.is_file()} == old
     assert steps(ckpts) == ["step_00000002", "step_00000003"]  # the new step 2 and 3 (--keep-last 2)
 
 
 def test_one_run_per_folder_and_a_killed_run_leaves_no_lock(tmp_path):
     """A second launch into the folder of a live run stops at once naming the live run's host and pid; once
     that run is killed (kill -9: no cleanup) the folder is free."""
-    import os
     import signal
-    import subprocess
     import time
-
-    from helpers import BIN, REPO
 
     run = tmp_path / "R"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
@@ -160,7 +169,6 @@ def test_one_run_per_folder_and_a_killed_run_leaves_no_lock(tmp_path):
 def test_the_live_run_is_named(tmp_path, capsys):
     """The refusal names the folder and the holder (host, pid), read from the lock file."""
     import fcntl
-    import os
     import socket
 
     run = tmp_path / "R"
@@ -176,3 +184,43 @@ def test_the_live_run_is_named(tmp_path, capsys):
         os.close(fd)
     assert main([*RUN, "--output-dir", str(run), "--max-steps", "1"]) == 0
     assert f"host {socket.gethostname()}, pid {os.getpid()}" in (run / ".lock").read_text()
+
+
+def test_a_launch_waiting_on_a_stale_build_lock_names_the_file(tmp_path, capfd):
+    """torch <= 2.13 builds DeepSpeed's op under a lock file whose existence blocks: a build killed midway left
+    every later launch waiting forever without a word. The wait now names the file (real files, a real thread)."""
+    import time
+
+    from moco_scale.engines.extensions import build_locks, explain_build_wait
+
+    lock = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    assert build_locks(tmp_path) == [lock]
+    with explain_build_wait(after_s=0.2, root=tmp_path, blocking=True, rank=1):
+        time.sleep(1.0)
+    err = capfd.readouterr().err
+    assert f"rank 1: DeepSpeed's op build has waited 0 s on the lock file(s) {lock} (from " in err and "remove" in err
+    for blocking, sleep in ((True, 0.0), (False, 1.0)):  # a build that returns in time, a torch with an OS lock
+        with explain_build_wait(after_s=0.2, root=tmp_path, blocking=blocking):
+            time.sleep(sleep)
+        time.sleep(0.5)
+        assert capfd.readouterr().err == ""
+
+
+def test_the_shipped_engine_jsons_are_checked_without_importing_every_deepspeed_module(tmp_path):
+    """Checking the keys of a config used to import every DeepSpeed config module (walk_packages) on every rank
+    and every `plan`: now only a key the parser does not ask for does (and a typo still gets its hint)."""
+    from moco_scale.config import ConfigError
+    from moco_scale.engines import deepspeed_config
+    from moco_scale.engines.config import load_engine_config
+
+    deepspeed_config._KNOWN.clear()
+    for path in sorted(Path(__file__).parents[1].glob("ds_configs/zero*.json")):
+        load_engine_config(str(path), global_batch=16, world=2)
+    assert not deepspeed_config._KNOWN
+    typo = tmp_path / "typo.json"
+    typo.write_text(json.dumps({"train_batch_size": "auto", "zero_optimizaton": {"stage": 2}}))
+    with pytest.raises(ConfigError, match=r"'zero_optimizaton' \(did you mean 'zero_optimization'\?\)"):
+        load_engine_config(str(typo), global_batch=16, world=2)
+    assert deepspeed_config._KNOWN

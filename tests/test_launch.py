@@ -109,6 +109,31 @@ def test_srun_without_master_addr_is_a_clear_error(tmp_path):
     assert "MASTER_ADDR is not set" in (tmp_path / "task0.log").read_text()
 
 
+def test_start_up_failures_are_named_not_taken_for_a_dying_rank(tmp_path):
+    """srun-style tasks that cannot form the group used to say "another rank died ... --resume auto". Now: the
+    master port in use, a rank that never starts, rank 0 out of reach, each named with address, port and time."""
+    import socket
+
+    def task(rank: int, world: int, port: int, name: str) -> subprocess.Popen:
+        return start([str(BIN / "moco-scale"), "pretrain", *COMMON, "--max-steps", "1", "--dist-timeout", "5",
+                      "--output-dir", str(tmp_path / name)], tmp_path / f"{name}.log", SLURM_PROCID=str(rank),
+                     SLURM_NTASKS=str(world), SLURM_LOCALID="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    busy, free = taken.getsockname()[1], free_port()
+    procs = [task(0, 2, busy, "in_use"), task(0, 2, free, "alone"), task(1, 2, free_port(), "unreachable")]
+    assert finish(procs, timeout=180) == [2, 2, 2]
+    taken.close()
+    last = {name: (tmp_path / f"{name}.log").read_text().strip().splitlines()[-1]
+            for name in ("in_use", "alone", "unreachable")}
+    assert f"MASTER_PORT {busy} on 127.0.0.1 is in use" in last["in_use"] and "--master_port" in last["in_use"]
+    assert f"only 1 of 2 ranks joined 127.0.0.1:{free} within --dist-timeout 5 s" in last["alone"]
+    assert "rank 1 of 2" in last["unreachable"] and "store at 127.0.0.1:" in last["unreachable"]
+    assert not any("another rank" in line or "--resume auto" in line for line in last.values()), last
+
+
 def test_kill_9_of_one_rank_ends_the_job(tmp_path):
     """srun-style (no launcher to notice): the survivor's next collective fails and it exits non-zero
     with a message naming the cause, well within --dist-timeout."""
@@ -214,3 +239,31 @@ def test_sigterm_is_acted_on_when_no_step_logs(tmp_path):
     assert "SIGTERM: saved" in (tmp_path / "task0.log").read_text()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["interrupted"] and summary["steps"] == 50  # the first agreement without a logging step
+
+
+def test_sigterm_during_start_up_exits_at_once_with_one_line(tmp_path):
+    """Before the training loop's handler exists (imports, data scan, engine build, taking the folder) a SIGTERM
+    used to kill the process wherever it was. Now it exits at once with 143 and one line saying nothing was
+    saved; what it had written is whole, and the folder is free for the next launch."""
+    run = tmp_path / "run"
+    args = ["pretrain", *COMMON, "--output-dir", str(run), "--max-steps", "2"]
+    proc = start([str(BIN / "moco-scale"), *args], tmp_path / "early.log")
+    time.sleep(0.3)  # importing torch
+    proc.send_signal(signal.SIGTERM)
+    assert finish([proc], timeout=60) == [143]
+    assert (tmp_path / "early.log").read_text().strip().splitlines()[-1] == (
+        "moco-scale pretrain: stopped by SIGTERM during start-up, before the first step: nothing was saved")
+    # the signal once the folder is taken (config.json written), before the first step
+    hook = ("import os, signal, sys\nimport moco_scale.train.pretrain as p\nfrom moco_scale.cli import main\n"
+            "real = p.open_run\ndef taken(*a, **k):\n    out = real(*a, **k)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n    return out\n"
+            "p.open_run = taken\nsys.exit(main(sys.argv[1:]))\n")
+    proc = start([str(BIN / "python"), "-c", hook, *args], tmp_path / "late.log")
+    assert finish([proc], timeout=120) == [143], (tmp_path / "late.log").read_text()[-3000:]
+    log = (tmp_path / "late.log").read_text()
+    assert "Traceback" not in log and log.strip().splitlines()[-1].endswith("before the first step: nothing was saved")
+    assert json.loads((run / "config.json").read_text())["resolved"]
+    assert not (run / "checkpoints").exists() and not [p for p in run.rglob("*tmp*")]
+    proc = start([str(BIN / "moco-scale"), *args, "--resume", "auto"], tmp_path / "again.log")
+    assert finish([proc], timeout=120) == [0], (tmp_path / "again.log").read_text()[-3000:]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2

@@ -3,6 +3,7 @@ crash or a full disk cannot leave half done. A leaf module: it imports nothing o
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pickle
@@ -31,23 +32,34 @@ def is_disk_full(e: BaseException) -> bool:
 def atomic_save(obj: Any, path: str) -> None:
     """torch.save to a temporary name in the same folder, then rename: a crash leaves the old file, a full disk
     leaves no partial file behind."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        open(tmp, "wb").close()  # a folder that cannot be written fails here, as an OSError with its errno
         torch.save(obj, tmp)
         os.replace(tmp, path)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the cleanup's own error must not hide the real one
+            Path(tmp).unlink(missing_ok=True)
         if is_disk_full(e):
             kept = f"; the previous {path} is intact" if os.path.exists(path) else ""
             raise NoSpaceError(errno.ENOSPC, f"no space left on device while writing {path}{kept}") from None
+        if isinstance(e, OSError):
+            error = OSError(f"cannot write {path}: {e.strerror or e}")
+            error.errno = e.errno
+            raise error from e
         raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path: str) -> Any:

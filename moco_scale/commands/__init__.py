@@ -16,15 +16,21 @@ def run_evaluation(name: str, fn: Callable[[argparse.Namespace], Any], args: arg
     from moco_scale.data import DataError
     from moco_scale.dist import shutdown
     from moco_scale.models import ARCHS
+    from moco_scale.signals import Interrupted
 
     if args.arch is not None and args.arch not in ARCHS:
         print(f"moco-scale {name}: error: unknown architecture -a {args.arch}", file=sys.stderr)
         return 2
+    leaving_at_once = False
     try:
         fn(args)
     except (ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"moco-scale {name}: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted:
+        leaving_at_once = True  # no barrier on the way out: the other ranks may be anywhere
+        raise
     finally:
-        shutdown()
+        if not leaving_at_once:
+            shutdown()
     return 0

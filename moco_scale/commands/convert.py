@@ -25,6 +25,7 @@ from moco_scale.checkpoint.reference import CheckpointError, backbone_of, checke
 from moco_scale.engines import write_universal
 from moco_scale.models.resnet import RESNET_ARCHS
 from moco_scale.models.vit import VIT_ARCHS
+from moco_scale.paths import writable_file_problem, writable_folder_problem
 
 FORMATS = ("reference", "deit", "timm", "torchvision", "universal")
 
@@ -64,7 +65,11 @@ def check_output(src: str, dst: str, to: str, force: bool) -> None:
     if to == "universal":
         if d.exists():
             raise ConvertError(f"the output {dst} already exists; a universal checkpoint goes to a new folder")
+        if why := writable_folder_problem(dst):
+            raise ConvertError(f"the output {dst} {why}")
         return
+    if why := writable_file_problem(dst):
+        raise ConvertError(f"the output {dst} {why}")
     if d.is_dir():
         raise ConvertError(f"the output {dst} is a folder; name the file to write, e.g. {Path(dst) / f'{to}.pth'}")
     if d.exists() and not force:
@@ -116,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         print(convert(args.input, args.output, args.to, args.force))
-    except (ConvertError, FileNotFoundError, ValueError) as e:
+    except (ConvertError, OSError, ValueError) as e:
         print(f"moco-scale convert: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -15,18 +15,22 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from moco_scale.checkpoint.io import atomic_write_text
 from moco_scale.checkpoint.reference import checkpoint_identity, pretrained_encoder
 from moco_scale.checkpoint.resume import run_folder
 from moco_scale.commands import run_evaluation
+from moco_scale.config import ConfigError
 from moco_scale.data.labelled import knn_splits, shard_loader, split_transform
 from moco_scale.dist import init_distributed, world_size_from_env
 from moco_scale.eval.knn import evaluate_knn
 from moco_scale.flags import nonnegative_int, positive_int
 from moco_scale.models.parts import backbone_features
+from moco_scale.paths import writable_file_problem
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +56,10 @@ def knn(args: argparse.Namespace) -> dict[str, Any]:
     """Every input checked first (checkpoint, data), then the process group; returns the results (rank 0 writes
     them)."""
     encoder, _, state, settings = pretrained_encoder(args.pretrained, args.arch)
+    path = args.output or os.path.join(run_folder(args.pretrained), "knn.json")
+    if why := writable_file_problem(path):
+        flag = "--output" if args.output else "the default --output"
+        raise ConfigError(f"{flag} {path} {why}" + ("" if args.output else "; name another with --output"))
     size = settings.get("img_size") or 224
     splits = knn_splits(args.data, size, args.train_size, world_size_from_env())
     train = splits.train
@@ -69,12 +77,14 @@ def knn(args: argparse.Namespace) -> dict[str, Any]:
            "data": splits.source, "train_images": len(train), "world_size": ctx.world_size,
            "features": str(dtype).removeprefix("torch.")}
     if ctx.is_main:
-        path = args.output or os.path.join(run_folder(args.pretrained), "knn.json")
-        with open(path, "w") as f:
-            json.dump(out, f, indent=2)
         print(f"knn: {settings['arch']} on {splits.source} ({len(train)} train / {len(splits.val)} val images, "
               f"world {ctx.world_size}): k=20 top-1 {out['knn_top1']:.2f}% top-5 {out['knn_top5']:.2f}%, k=200 "
-              f"top-1 {out['knn200_top1']:.2f}%; written to {path}", flush=True)
+              f"top-1 {out['knn200_top1']:.2f}%", flush=True)
+        try:
+            atomic_write_text(Path(path), json.dumps(out, indent=2))
+        except OSError as e:
+            raise ConfigError(f"--output {path} cannot be written ({e.strerror or e}); the results are above") from e
+        print(f"knn: written to {path}", flush=True)
     return out
 
 

@@ -17,7 +17,7 @@ from moco_scale.checkpoint.reference import load_pretrained
 from moco_scale.checkpoint.resume import run_folder
 from moco_scale.config import ConfigError
 from moco_scale.data import DataError
-from moco_scale.data.labelled import Splits, image_splits, shard_loader, split_transform
+from moco_scale.data.labelled import Splits, check_neighbours, image_splits, shard_loader, split_transform
 from moco_scale.dist import DistContext
 from moco_scale.eval.knn import Features, extract, knn_accuracy
 from moco_scale.flags import nonnegative_int
@@ -43,7 +43,7 @@ def evaluate(model: MoCo, splits: Splits, transform) -> dict[str, float]:
     train, val = (extract(partial(backbone_features, model.base_encoder), shard_loader(s, transform, 256, 1, 0),
                           ctx.device, normalize=False) for s in (splits.train, splits.val))
     unit = [Features(F.normalize(f.feats, dim=1), f.labels) for f in (train, val)]
-    knn = knn_accuracy(*unit, len(splits.classes), ctx, ks=(20,))["knn_top1"]
+    knn = knn_accuracy(*unit, len(splits.classes), ctx, ks=(20,))["knn_top1"]  # check_neighbours: >= 20 images
     return {"knn_top1": knn, "linear_top1": linear_accuracy(train.feats, train.labels, val.feats, val.labels)}
 
 
@@ -73,6 +73,7 @@ def probe(args: argparse.Namespace) -> int:
     random_init = build_moco(**kwargs)  # the run's starting point when the seed matches
     size = kwargs.get("img_size") or 224
     splits = image_splits(args.data, size)
+    check_neighbours(splits, 20)
     transform = split_transform(args.data, size)
     results = {"random_init": evaluate(random_init, splits, transform),
                "pretrained": evaluate(pretrained, splits, transform),

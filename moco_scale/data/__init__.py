@@ -18,6 +18,7 @@ from moco_scale.data.datasets import (
 from moco_scale.data.device_views import AugmentOnDevice, Collate, DeviceViews
 from moco_scale.data.feed import DeviceFeed
 from moco_scale.data.sampler import GlobalBatchSampler
+from moco_scale.paths import folder_problem
 
 AUGMENT = ("cpu", "device")
 
@@ -43,8 +44,8 @@ def pretrain_dataset(data: str | None, image_size: int, crop_min: float, seed: i
         sigma = (0.1 * image_size / 224, 2.0 * image_size / 224)
     else:
         train = os.path.join(data, "train")
-        if not os.path.isdir(data):
-            raise DataError(f"data folder {data} does not exist")
+        if why := folder_problem(data):
+            raise DataError(f"data folder {data} {why}")
         if not os.path.isdir(train):
             raise DataError(f"data folder {data} has no train/ folder (expected {train}/<class>/<image>)")
         base = image_folder(train, allow_empty=skip_bad)

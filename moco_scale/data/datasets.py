@@ -10,17 +10,25 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
 from moco_scale.data.augment import keyed_rng
+from moco_scale.paths import folder_problem
 
 BUILTIN_IMAGE_SIZE = 32
 
 
 class DataError(ValueError):
     """Missing, empty or unreadable data; the message names the path."""
+
+    def __init__(self, message: str = "") -> None:
+        # An error in a DataLoader worker comes back as DataError(the worker's whole traceback) (torch's
+        # ExceptionWrapper); the user's line is its last, after the class name
+        if message.startswith("Caught DataError in DataLoader worker"):
+            message = message.rstrip().splitlines()[-1].split("DataError: ", 1)[-1]
+        super().__init__(message)
 
 
 #: 16-bit integer pixels (16-bit grayscale PNG, TIFF): PIL's RGB conversion clips them to 255 (a white image);
@@ -44,18 +52,18 @@ def faithful_rgb(img: Image.Image, path: str) -> Image.Image:
 
 def _load_rgb(path: str) -> Image.Image:
     try:
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            img.load()
+        with Image.open(path) as img:
+            img.load()  # the pixels are read; leaving the block closes the file
     except Exception as e:  # PIL raises several types for a bad file
-        raise DataError(f"cannot read image {path}: {e}") from e
+        why = "not an image file PIL can identify" if isinstance(e, UnidentifiedImageError) else str(e)
+        raise DataError(f"cannot read image {path} ({why}); --skip-bad-data skips and counts such files") from e
     return faithful_rgb(img, path)
 
 
 def image_folder(root: str, allow_empty: bool = False) -> ImageFolder:
     """ImageFolder over `root`, with errors that name the folder at fault (one scan of the tree)."""
-    if not os.path.isdir(root):
-        raise DataError(f"data folder {root} does not exist")
+    if why := folder_problem(root):
+        raise DataError(f"data folder {root} {why}")
     try:
         ds = ImageFolder(root, loader=_load_rgb, allow_empty=True)
     except FileNotFoundError as e:  # no class folders at all

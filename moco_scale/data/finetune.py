@@ -22,6 +22,7 @@ from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, keyed_rng
 from moco_scale.data.datasets import DataError
 from moco_scale.data.feed import DeviceFeed
 from moco_scale.data.labelled import Splits, image_splits
+from moco_scale.paths import folder_problem
 from moco_scale.train.recipes import Recipe
 
 #: --dataset NAME: (torchvision class, train split(s), test split, what the root must hold)
@@ -56,8 +57,8 @@ def finetune_splits(data: str | None, dataset: str | None, image_size: int) -> S
                         "DATA without --dataset)")
     if data is None:
         raise DataError(f"--dataset {dataset} needs DATA: the local folder that holds {TORCHVISION[dataset][3]}/")
-    if not os.path.isdir(data):
-        raise DataError(f"--dataset {dataset}: DATA {data} is not a folder")
+    if why := folder_problem(data):
+        raise DataError(f"--dataset {dataset}: DATA {data} {why}")
     _, train_splits, test_split, _ = TORCHVISION[dataset]
     parts = [_torchvision_split(dataset, data, s) for s in train_splits]
     test = _torchvision_split(dataset, data, test_split)

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from moco_scale.data.augment import eval_transform, keyed_rng
 from moco_scale.data.datasets import DataError, image_folder, load_digits_split
+from moco_scale.paths import folder_problem
 
 
 @dataclass
@@ -48,6 +49,8 @@ def image_splits(data: str | None, image_size: int) -> Splits:
         classes = [str(d) for d in range(10)]
         return Splits(load_digits_split("train", image_size), load_digits_split("val", image_size), classes,
                       "the built-in digits (held-out split)")
+    if why := folder_problem(data):
+        raise DataError(f"data folder {data} {why}")
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(data, split)):
             raise DataError(f"data folder {data} has no {split}/ folder (expected {data}/{split}/<class>/<image>)")
@@ -114,11 +117,21 @@ def split_transform(data: str | None, image_size: int) -> Callable:
     return eval_transform(image_size, resize=None if data is None else image_size * 256 // 224)
 
 
-def knn_splits(data: str | None, image_size: int, train_size: int | None, world: int) -> Splits:
-    """The kNN's data: val whole, train spread down to `train_size`; each split must give every rank an image."""
+def knn_splits(data: str | None, image_size: int, train_size: int | None, world: int, k: int = 200) -> Splits:
+    """The kNN's data: val whole, train spread down to `train_size`; each split must give every rank an image,
+    and train at least the `k` neighbours the largest kNN votes with."""
     splits = image_splits(data, image_size)
     splits = replace(splits, train=spread_subset(splits.train, train_size))
     if min(len(splits.train), len(splits.val)) < world:
         raise DataError(f"{splits.source}: {min(len(splits.train), len(splits.val))} images in a split for "
                         f"{world} ranks")
+    check_neighbours(splits, k, train_size)
     return splits
+
+
+def check_neighbours(splits: Splits, k: int, train_size: int | None = None) -> None:
+    """A kNN with fewer training images than k would vote with all of them and still be reported as k."""
+    if len(splits.train) < k:
+        cut = f" (--train-size {train_size})" if train_size is not None and train_size < k else ""
+        raise DataError(f"{splits.source}: {len(splits.train)} training images{cut}, fewer than the k={k} "
+                        "neighbours the kNN votes with")

@@ -29,6 +29,7 @@ from moco_scale.engines.config import DeepSpeedConfig
 from moco_scale.engines.deepspeed_checkpoint import DS_TAG, MOMENTUM_FILE, UNIVERSAL_TAG
 from moco_scale.engines.deepspeed_config import BATCH_KEYS, resolve_config_precision
 from moco_scale.engines.deepspeed_momentum import momentum_layout, zero0_masters
+from moco_scale.engines.extensions import explain_build_wait
 from moco_scale.engines.memory import Shapes, numel, optimizer_state, ring, z3_part
 from moco_scale.engines.prepare import materialize_units, materialize_whole, prepare, take_state
 from moco_scale.models.chunking import PhasedChunks
@@ -95,7 +96,8 @@ class DeepSpeedEngine(Engine):
         for key, value in (("LOCAL_RANK", ctx.local_rank), ("RANK", ctx.rank), ("WORLD_SIZE", ctx.world_size)):
             os.environ.setdefault(key, str(value))
         # DeepSpeed's comm on this process group, before zero.Init reads the world size from it (below)
-        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+        with explain_build_wait(rank=ctx.rank):  # it builds DeepSpeed's CPU communication op
+            deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
         state = take_state(model, initial)
         # ZeRO-3 gathers parameters per module by hooks: the phased form of chunking (models/chunking.py)
         prepare(model, config, phased_chunks=self.stage == 3, shard=lambda: self._place(model, state, ds_cfg))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 from moco_scale.config import ConfigError, from_mapping
 from moco_scale.engines.base import resolve_precision
 from moco_scale.engines.config import DeepSpeedConfig
+from moco_scale.paths import folder_problem, writable_folder_problem
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,12 @@ def check_types(cfg: dict[str, Any], source: str) -> None:
         if enabled not in (True, False, "auto"):
             raise ConfigError(f"{where}: key '{key}.enabled' must be true, false or \"auto\", not {_shown(enabled)}"
                               f"{' (a string: DeepSpeed would train in fp32)' if isinstance(enabled, str) else ''}")
+    for key in ("tensorboard", "csv_monitor"):  # DeepSpeed's monitors write under output_path/job_name
+        path = cfg.get(key, {}).get("output_path")
+        if path is not None and not isinstance(path, str):
+            raise ConfigError(f"{where}: key '{key}.output_path' must be a folder's path, not {_shown(path)}")
+        if path and (why := writable_folder_problem(path)):
+            raise ConfigError(f"{where}: key '{key}.output_path' {path} {why}")
     zero = cfg.get("zero_optimization", {})
     for part in ("offload_optimizer", "offload_param"):
         offload = zero.get(part)
@@ -132,9 +138,8 @@ def check_types(cfg: dict[str, Any], source: str) -> None:
             if not isinstance(path, str) or not path:
                 raise ConfigError(f"{where}: key 'zero_optimization.{part}.nvme_path' must name the folder on "
                                   "the NVMe drive to offload to")
-            if not os.path.isdir(path):
-                what = "a file, not a folder" if os.path.exists(path) else "missing"
-                raise ConfigError(f"{where}: key 'zero_optimization.{part}.nvme_path' {path} is {what}")
+            if why := folder_problem(path):
+                raise ConfigError(f"{where}: key 'zero_optimization.{part}.nvme_path' {path} {why}")
         if cfg.get("zero_force_ds_cpu_optimizer", True) is not False:
             raise ConfigError(f"{where}: key 'zero_optimization.{part}' offloads to {device}: add "
                               "\"zero_force_ds_cpu_optimizer\": false at the top level; moco-scale brings its own "
@@ -162,23 +167,34 @@ class _ReadKeys(dict):
         return super().__contains__(key)
 
 
+_READ: set[str] = set()
 _KNOWN: set[str] = set()
 
 
-def _known_keys() -> set[str]:
-    """Top-level keys this DeepSpeed reads: those its config parser asks for, and the key names its config and
-    constants modules define (sections it reads only when present, through `keys()`)."""
-    if not _KNOWN:
-        import importlib
-        import pkgutil
-
-        import deepspeed
+def _read_keys() -> set[str]:
+    """The top-level keys DeepSpeed's config parser asks for, and the sections read outside it: enough for
+    every config in ds_configs/, at the cost of one parse."""
+    if not _READ:
         from deepspeed.runtime.config import DeepSpeedConfig
 
         probe = _ReadKeys({"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1,
                            "gradient_accumulation_steps": 1})
         DeepSpeedConfig(probe)
-        _KNOWN.update(probe.read)
+        _READ.update(probe.read, _SECTIONS)
+    return _READ
+
+
+def _known_keys() -> set[str]:
+    """Every top-level key name this DeepSpeed defines: the parser's, and the key names its config and constants
+    modules hold (sections it reads only when present, through `keys()`). Imports those modules, so it runs
+    only for a key the parser does not ask for (a typo, or a rare feature), and for the typo's hint."""
+    if not _KNOWN:
+        import importlib
+        import pkgutil
+
+        import deepspeed
+
+        _KNOWN.update(_read_keys())
         for info in pkgutil.walk_packages(deepspeed.__path__, "deepspeed."):
             if not info.name.endswith(("constants", ".config")) or ".ops" in info.name or "inference" in info.name:
                 continue
@@ -193,7 +209,8 @@ def _known_keys() -> set[str]:
 def unknown_top_level_keys(cfg: dict[str, Any]) -> list[str]:
     """The keys of a DeepSpeed config that the installed DeepSpeed would never read (moco-scale checks them: it
     does not)."""
-    return sorted(k for k in cfg if k not in _known_keys())
+    maybe = [k for k in cfg if k not in _read_keys()]
+    return sorted(k for k in maybe if k not in _known_keys()) if maybe else []
 
 
 #: the reference's dynamic loss scaler (init 2^16, growth interval 2000), for an fp16 section "auto" turns on

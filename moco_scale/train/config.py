@@ -17,6 +17,7 @@ import torch
 from moco_scale.config import ConfigError
 from moco_scale.models import ARCHS, MoCo, UnknownArchError, build_moco
 from moco_scale.models.vit import VIT_ARCHS
+from moco_scale.paths import writable_folder_problem
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ class RunConfig:
     dataset_size: int = 0
 
     def __post_init__(self) -> None:
+        if why := writable_folder_problem(self.output_dir):
+            raise ConfigError(f"--output-dir {self.output_dir or repr('')} {why}")
         if self.global_batch <= 0 or self.global_batch % self.world_size:
             raise ConfigError(f"global batch -b {self.global_batch} must be a positive multiple of the world size "
                               f"{self.world_size} (each rank takes an equal share, as the reference requires)")

@@ -187,8 +187,9 @@ def test_the_live_run_is_named(tmp_path, capsys):
 
 
 def test_a_launch_waiting_on_a_stale_build_lock_names_the_file(tmp_path, capfd):
-    """torch <= 2.13 builds DeepSpeed's op under a lock file whose existence blocks: a build killed midway left
-    every later launch waiting forever without a word. The wait now names the file (real files, a real thread)."""
+    """A torch without pytorch#190543 (2.11) builds DeepSpeed's op under a lock file whose existence blocks: a
+    build killed midway left every later launch waiting forever without a word. The wait now names the file (real
+    files, a real thread)."""
     import time
 
     from moco_scale.engines.extensions import build_locks, explain_build_wait

@@ -1,8 +1,9 @@
 """DeepSpeed builds its ops (on the CPU, its shared-memory communication op) with torch's JIT extension
-builder, in TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions). Up to torch 2.13 the builder holds a lock
-*file* whose mere existence blocks (`FileBaton`): a launch killed during the build leaves it behind, and every
-later launch on the machine waits on it forever without a word. Newer torch holds an OS lock the kernel
-releases (its lock file is harmless). The scripts give .venv its own folder; this says what a launch waits on."""
+builder, in TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions). Before PyTorch's fix (pytorch#190543, July
+2026; torch 2.11 on the GPU nodes has not got it) the builder holds a lock *file* whose mere existence blocks
+(`FileBaton`): a launch killed during the build leaves it behind, and every later launch on the machine waits on
+it forever without a word. torch 2.14.1 holds an OS lock the kernel releases (its lock file is harmless). The
+scripts give .venv its own folder; this says what a launch waits on."""
 
 from __future__ import annotations
 

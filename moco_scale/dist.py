@@ -8,6 +8,7 @@ reference crashes there).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import math
@@ -17,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -148,12 +150,16 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0, require_gr
         if missing:
             raise ConfigError(f"WORLD_SIZE is set but {', '.join(missing)} is not: launch with torchrun "
                                "or deepspeed, or unset WORLD_SIZE to run as one process")
-        started = time.monotonic()
+        started, where = time.monotonic(), f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        after = min(60.0, timeout_s / 2)
         try:
-            dist.init_process_group(
-                backend="nccl" if dev.type == "cuda" else "gloo",
-                rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
-            )
+            with say_if_still_waiting(after, lambda: f"moco-scale: rank {rank}: still forming the process group of "
+                                      f"{world} at {where} after {after:.0f} s; it waits up to --dist-timeout "
+                                      f"{timeout_s:g} s for every rank"):
+                dist.init_process_group(
+                    backend="nccl" if dev.type == "cuda" else "gloo",
+                    rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
+                )
         except (RuntimeError, ValueError) as e:  # the store's errors: DistNetworkError, DistStoreError, ...
             raise JoinError(join_failure(e, rank, world, time.monotonic() - started, timeout_s)) from e
     elif require_group and not dist.is_initialized():
@@ -161,6 +167,23 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0, require_gr
                                 rank=0, world_size=1, timeout=timedelta(seconds=timeout_s))
     watch_deepspeed_launcher()
     return DistContext(rank, world, local_rank, local_world, dev)
+
+
+@contextlib.contextmanager
+def say_if_still_waiting(after_s: float, describe: Callable[[], str | None]) -> Iterator[None]:
+    """A wait that may be long or endless (joining the group, an op build behind a lock) says so: if the block
+    is still running after `after_s`, `describe()`'s line (None: nothing to say) goes to stderr, once."""
+    done = threading.Event()
+
+    def watch() -> None:
+        if not done.wait(after_s) and (line := describe()) and not done.is_set():
+            print(line, file=sys.stderr, flush=True)
+
+    threading.Thread(target=watch, name="moco-scale-wait-watch", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 class JoinError(ConfigError):

@@ -130,6 +130,9 @@ def test_start_up_failures_are_named_not_taken_for_a_dying_rank(tmp_path):
             for name in ("in_use", "alone", "unreachable")}
     assert f"MASTER_PORT {busy} on 127.0.0.1 is in use" in last["in_use"] and "--master_port" in last["in_use"]
     assert f"only 1 of 2 ranks joined 127.0.0.1:{free} within --dist-timeout 5 s" in last["alone"]
+    # and while it waits (up to --dist-timeout, 30 min by default) it says so, after min(60 s, half of that)
+    assert (f"rank 0: still forming the process group of 2 at 127.0.0.1:{free} after 2 s; it waits up to "
+            "--dist-timeout 5 s") in (tmp_path / "alone.log").read_text()
     assert "rank 1 of 2" in last["unreachable"] and "store at 127.0.0.1:" in last["unreachable"]
     assert not any("another rank" in line or "--resume auto" in line for line in last.values()), last
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
+
+from moco_scale.dist import say_if_still_waiting
 
 
 def extensions_root() -> Path:
@@ -34,29 +33,21 @@ def build_locks(root: Path) -> list[Path]:
     return sorted({*root.glob("*/*/lock"), *root.glob("*/lock")}) if root.is_dir() else []
 
 
-@contextlib.contextmanager
 def explain_build_wait(after_s: float = 60.0, root: Path | None = None, blocking: bool | None = None,
-                       rank: int = 0) -> Iterator[None]:
+                       rank: int = 0) -> contextlib.AbstractContextManager[None]:
     """Around a call that may build an op: if it has not returned after `after_s` and lock files that block this
-    torch's builder exist, print them once, with what to do."""
-    done = threading.Event()
+    torch's builder exist, name them once, with what to do."""
 
-    def watch() -> None:
-        if done.wait(after_s):
-            return
-        locks = build_locks(root or extensions_root()) if (blocking_lock_files() if blocking is None else blocking) \
-            else []
-        if not locks or done.is_set():
-            return
+    def describe() -> str | None:
+        if not (blocking_lock_files() if blocking is None else blocking):
+            return None
+        locks = build_locks(root or extensions_root())
         dated = ", ".join(f"{p} (from {time.strftime('%Y-%m-%d %H:%M', time.localtime(p.stat().st_mtime))})"
                           for p in locks)
-        print(f"moco-scale: rank {rank}: DeepSpeed's op build has waited {after_s:.0f} s on the lock file(s) {dated}. "
-              "A launch killed while building leaves one behind, and torch then waits forever: if no other launch "
-              "on this machine is building, stop this one, remove the file(s) and launch again (or set "
-              "TORCH_EXTENSIONS_DIR to a fresh folder)", file=sys.stderr, flush=True)
+        return None if not locks else (
+            f"moco-scale: rank {rank}: DeepSpeed's op build has waited {after_s:.0f} s on the lock file(s) {dated}. "
+            "A launch killed while building leaves one behind, and torch then waits forever: if no other launch on "
+            "this machine is building, stop this one, remove the file(s) and launch again (or set "
+            "TORCH_EXTENSIONS_DIR to a fresh folder)")
 
-    threading.Thread(target=watch, name="moco-scale-build-lock-watch", daemon=True).start()
-    try:
-        yield
-    finally:
-        done.set()
+    return say_if_still_waiting(after_s, describe)

@@ -143,9 +143,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0, require_gr
     if dev.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # The DeepSpeed launcher does not set it; share the cores between local ranks.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
-    # WORLD_SIZE=1 without a master is one process (a DeepSpeed engine of an earlier run in this process sets it)
-    launched = "WORLD_SIZE" in os.environ and (world > 1 or "MASTER_ADDR" in os.environ)
-    if launched and not dist.is_initialized():
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
             raise ConfigError(f"WORLD_SIZE is set but {', '.join(missing)} is not: launch with torchrun "

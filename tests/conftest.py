@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from helpers import COMMON_TINY_RUN, run_cli
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -26,3 +27,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if getattr(item, "originalname", "") == "test_engine_matches_oracle" and "'fp32')" in item.name \
                 and item.name.endswith("-4]"):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory):
+    """One tiny pretraining run (one step, its resumable folder and reference file), read, never written, by the
+    evaluation and fine-tuning tests."""
+    out = tmp_path_factory.mktemp("pre") / "run"
+    res = run_cli(["pretrain", *COMMON_TINY_RUN, "--output-dir", str(out)])
+    assert res.returncode == 0, res.stderr[-2000:]
+    return out

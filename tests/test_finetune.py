@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from helpers import (
     BIN,
-    COMMON_TINY_RUN,
     TINY_VIT,
     assert_matches_oracle,
     engine_config,
@@ -281,14 +280,6 @@ def test_repeated_augmentation_deals_copies_to_different_ranks():
 
 
 # -- loading -------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pre") / "run"
-    res = run_cli(["pretrain", *COMMON_TINY_RUN, "--output-dir", str(out)])
-    assert res.returncode == 0, res.stderr[-2000:]
-    return out
-
-
 def test_strict_loading_refuses_other_heads_and_missing_tensors(pretrained, tmp_path):
     ref = str(pretrained / "checkpoint.pth.tar")
     state, settings = pretrained_backbone(ref)

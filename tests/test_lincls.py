@@ -16,14 +16,6 @@ from moco_scale.models import backbone_features
 LINCLS = ["--epochs", "2", "-b", "128", "-j", "0", "--bn", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pre") / "run"
-    res = run_cli(["pretrain", *COMMON_TINY_RUN, "--output-dir", str(out)])
-    assert res.returncode == 0, res.stderr[-2000:]
-    return out
-
-
 def top1_of_saved_classifier(ckpt: str, run_dir) -> float:
     encoder, _, state, settings = pretrained_encoder(ckpt)
     encoder.load_state_dict(state, assign=True)
@@ -132,7 +124,7 @@ def test_every_val_image_counts_once_at_any_world_size_and_results_are_kept(pret
     capsys.readouterr()
     assert main([*args[:2], other, *args[3:]]) == 2 and "already holds a run" in capsys.readouterr().err
     assert main([*args[:2], other, *args[3:], "--resume", "auto"]) == 2
-    assert "evaluated another pretrained checkpoint" in capsys.readouterr().err
+    assert "ran linear evaluation on another pretrained checkpoint" in capsys.readouterr().err
     assert main([*args[:2], other, *args[3:], "--overwrite"]) == 0
     assert not list(tmp_path.glob("out.overwritten-*"))  # moved aside, deleted once the new run had saved
     assert json.loads((out / "lincls.json").read_text())["pretrained"] == other

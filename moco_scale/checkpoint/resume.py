@@ -67,6 +67,24 @@ def find_resume(resume: str | None, output_dir: str, is_main: bool) -> Resume | 
     return Resume(path, meta=verify(path))
 
 
+def resume_on_pretrained(resume: str | None, output_dir: str, pretrained: str, identity: dict[str, Any], job: str,
+                         agreed: tuple[Resume | None] | None = None, file_hint: str = "") -> Resume | None:
+    """--resume (or `agreed`: rank 0's choice) for a run built on a pretrained checkpoint (linear evaluation,
+    fine-tuning): a checkpoint folder that started from the same one (path and content), or what it holds would
+    be reported for the wrong model. `job` names the run ("linear evaluation", "fine-tuning")."""
+    found = find_resume(resume, output_dir, int(os.environ.get("RANK", "0")) == 0) if agreed is None else agreed[0]
+    if found is None:
+        return None
+    if found.is_file:
+        raise ConfigError(f"--resume {found.path}: {job} resumes a checkpoint folder ({output_dir}/checkpoints/"
+                          f"step_*), not a file{file_hint}")
+    if found.meta.get("pretrained") != identity:
+        raise ConfigError(f"--resume {found.path} ran {job} on another pretrained checkpoint "
+                          f"({(found.meta.get('pretrained') or {}).get('path')}), not --pretrained {pretrained}; "
+                          "write into another --output-dir, or pass --overwrite without --resume")
+    return found
+
+
 def check_resumable(resume: Resume, model: dict[str, Any], global_batch: int, dataset_size: int,
                     engine: EngineConfig) -> EngineConfig:
     """A checkpoint folder continues this run only with the same model, batch, data and an engine that reads its

@@ -68,10 +68,10 @@ def check_output(src: str, dst: str, to: str, force: bool) -> None:
         if why := writable_folder_problem(dst):
             raise ConvertError(f"the output {dst} {why}")
         return
-    if why := writable_file_problem(dst):
-        raise ConvertError(f"the output {dst} {why}")
     if d.is_dir():
         raise ConvertError(f"the output {dst} is a folder; name the file to write, e.g. {Path(dst) / f'{to}.pth'}")
+    if why := writable_file_problem(dst):
+        raise ConvertError(f"the output {dst} {why}")
     if d.exists() and not force:
         raise ConvertError(f"the output {dst} already exists; pass --force to replace it")
 

@@ -26,7 +26,7 @@ from moco_scale.checkpoint.reference import (
     describe_mismatch,
     pretrained_backbone,
 )
-from moco_scale.checkpoint.resume import Resume, agree_on_resume, check_resumable, find_resume
+from moco_scale.checkpoint.resume import Resume, agree_on_resume, check_resumable, resume_on_pretrained
 from moco_scale.config import ConfigError
 from moco_scale.data import GlobalBatchSampler
 from moco_scale.data.finetune import MixedFeed, finetune_splits, finetune_transforms, mixup_of
@@ -105,17 +105,10 @@ def _resume(cfg: FinetuneConfig, identity: dict[str, Any], classes: int,
             agreed: tuple[Resume | None] | None = None) -> tuple[FinetuneConfig, Resume | None]:
     """--resume names (or `agreed`: rank 0's choice) a fine-tuning checkpoint folder of the same pretrained
     checkpoint, model, batch and data."""
-    resume = find_resume(cfg.run.resume, cfg.run.output_dir, int(os.environ.get("RANK", "0")) == 0) \
-        if agreed is None else agreed[0]
+    resume = resume_on_pretrained(cfg.run.resume, cfg.run.output_dir, cfg.pretrained, identity, "fine-tuning",
+                                  agreed, file_hint="; start from a file with --pretrained")
     if resume is None:
         return cfg, None
-    if resume.is_file:
-        raise ConfigError(f"--resume {resume.path}: fine-tuning resumes a checkpoint folder "
-                          f"({cfg.run.output_dir}/checkpoints/step_*), not a file; start from a file with --pretrained")
-    if resume.meta.get("pretrained") != identity:
-        raise ConfigError(f"--resume {resume.path} fine-tuned another pretrained checkpoint "
-                          f"({(resume.meta.get('pretrained') or {}).get('path')}), not --pretrained {cfg.pretrained}; "
-                          "fine-tune into another --output-dir, or pass --overwrite without --resume")
     engine = check_resumable(resume, cfg.model_record(classes), cfg.run.global_batch, cfg.run.dataset_size,
                              cfg.engine)
     return replace(cfg, engine=engine), resume

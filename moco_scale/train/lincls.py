@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from moco_scale.checkpoint.io import atomic_save
 from moco_scale.checkpoint.manager import CheckpointManager
 from moco_scale.checkpoint.reference import checkpoint_identity, pretrained_encoder
-from moco_scale.checkpoint.resume import Resume, agree_on_resume, find_resume
+from moco_scale.checkpoint.resume import Resume, agree_on_resume, resume_on_pretrained
 from moco_scale.config import ConfigError
 from moco_scale.data import GlobalBatchSampler
 from moco_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD
@@ -83,21 +83,9 @@ def _loaders(cfg: LinclsConfig, splits: Splits, size: int, ctx: DistContext) -> 
 
 def _resume(cfg: LinclsConfig, identity: dict[str, Any], agreed: tuple[Resume | None] | None = None
             ) -> Resume | None:
-    """--resume names (or `agreed`: rank 0's choice) one of this folder's checkpoints (or another's): it must have
-    evaluated the same pretrained checkpoint (path and content), or what it holds would be reported for the
-    wrong model."""
-    resume = find_resume(cfg.run.resume, cfg.run.output_dir, int(os.environ.get("RANK", "0")) == 0) \
-        if agreed is None else agreed[0]
-    if resume is None:
-        return None
-    if resume.is_file:
-        raise ConfigError(f"--resume {resume.path}: linear evaluation resumes a checkpoint folder "
-                          f"({cfg.run.output_dir}/checkpoints/step_*), not a file")
-    if resume.meta.get("pretrained") != identity:
-        raise ConfigError(f"--resume {resume.path} evaluated another pretrained checkpoint "
-                          f"({(resume.meta.get('pretrained') or {}).get('path')}), not --pretrained {cfg.pretrained}; "
-                          "evaluate into another --output-dir, or pass --overwrite without --resume")
-    return resume
+    """--resume (or `agreed`: rank 0's choice): a folder that evaluated this very pretrained checkpoint."""
+    return resume_on_pretrained(cfg.run.resume, cfg.run.output_dir, cfg.pretrained, identity, "linear evaluation",
+                                agreed)
 
 
 def build_lincls(args: argparse.Namespace) -> tuple[Trainer, LinclsConfig, Splits, DataLoader, Resume | None]:

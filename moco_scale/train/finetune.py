@@ -229,15 +229,10 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
         f"{cfg.run.total_steps} steps, engine {cfg.engine.label} ({trainer.engine.precision})")
     if resume is not None:
         trainer.notes.append(f"resumed from {resume.path} at step {trainer.step}")
-    if cfg.evaluate_only:
-        final = accuracy(lambda x: trainer.engine.call("forward", x), val_loader, trainer.ctx)
-        history, summary = trainer.history, {"evaluated": str(resume.path), "steps": trainer.step}
-        trainer.engine.close()
-    else:
-        summary = trainer.train()
-        history = trainer.history
-        final = history[-1] if history else {}
-        trainer.close(summary)
+    final, summary = trainer.train_or_evaluate(
+        cfg.evaluate_only, lambda: accuracy(lambda x: trainer.engine.call("forward", x), val_loader, trainer.ctx),
+        resume and str(resume.path))
+    history = trainer.history
     best = _best(history)
     out = {**summary, "pretrained": cfg.pretrained, "arch": cfg.settings["arch"], "recipe": r.to_json(),
            "dataset": splits.source, "top1": final.get("top1"), "top5": final.get("top5"),

@@ -162,15 +162,10 @@ def lincls(args: argparse.Namespace) -> dict[str, Any]:
     trainer.notes.append(f"lincls: {arch} from {cfg.pretrained}, {len(splits.classes)} classes, {len(splits.train)} "
                          f"train / {len(splits.val)} val images, world {cfg.run.world_size}, batch "
                          f"{cfg.run.global_batch}, lr {cfg.scaled_lr(arch):g}")
-    if cfg.evaluate_only:
-        final = accuracy(lambda x: trainer.engine.call("forward", x), val_loader, trainer.ctx)
-        history, summary = trainer.history, {"evaluated": str(resume.path)}
-        trainer.engine.close()
-    else:
-        summary = trainer.train()
-        history = trainer.history
-        final = history[-1] if history else {}
-        trainer.close(summary)
+    final, summary = trainer.train_or_evaluate(
+        cfg.evaluate_only, lambda: accuracy(lambda x: trainer.engine.call("forward", x), val_loader, trainer.ctx),
+        resume and str(resume.path))
+    history = trainer.history
     out = {**summary, "pretrained": cfg.pretrained, "arch": arch, "epochs": cfg.run.epochs, "top1": final.get("top1"),
            "top5": final.get("top5"), "correct": final.get("correct"), "images": final.get("images"),
            "history": history}

@@ -132,6 +132,18 @@ class Trainer:
                 self.logger.log_eval(row)
         self.manager.after_epoch(last=self.step == self.run.total_steps)
 
+    def train_or_evaluate(self, evaluate_only: bool, measure: Callable[[], dict[str, Any]],
+                          resumed_from: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """-e/--evaluate: only `measure()` the restored model (no step, no save); otherwise train to the end.
+        Returns (the last evaluation, the summary); the engine is released either way."""
+        if evaluate_only:
+            final, summary = measure(), {"evaluated": resumed_from, "steps": self.step}
+            self.engine.close()
+            return final, summary
+        summary = self.train()
+        self.close(summary)
+        return (self.history[-1] if self.history else {}), summary
+
     # -- the end --------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         """summary.json (strict JSON: null where there is no value), written by rank 0; the logger closes."""
